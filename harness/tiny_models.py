@@ -1,0 +1,88 @@
+"""Tiny random models in the real architectures' weight layouts, deterministic from a seed and
+written as safetensors, so that ComfyUI's own loaders detect and load them.
+
+Wan 2.1 T2V: dim a multiple of 128 (the loader derives heads = dim // 128) and text_dim 4096
+(the loader assumes it). Tests pass conditioning as a tensor; no text encoder is involved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from . import runtime
+
+TEXT_DIM = 4096
+
+
+def _fill(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic weights: normal scaled by fan-in, norms at one, biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in sorted(module.state_dict().items()):
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            out[name] = p.clone()
+            continue
+        if p.ndim <= 1:
+            if "norm" in name or name.endswith("gamma") or name.endswith(".weight"):
+                t = 1.0 + 0.02 * torch.randn(p.shape, generator=gen)
+            else:
+                t = 0.02 * torch.randn(p.shape, generator=gen)
+        else:
+            fan_in = p[0].numel()
+            t = torch.randn(p.shape, generator=gen) / fan_in**0.5
+        out[name] = t.to(torch.float32).contiguous()
+    return out
+
+
+def wan21_t2v_state_dict(seed: int = 0, dim: int = 256, layers: int = 2, ffn_dim: int = 512,
+                         in_dim: int = 16, model_type: str = "t2v") -> dict[str, torch.Tensor]:
+    runtime.boot()
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(model_type=model_type, dim=dim, ffn_dim=ffn_dim, num_heads=dim // 128,
+                     num_layers=layers, in_dim=in_dim, out_dim=16, text_dim=TEXT_DIM,
+                     operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
+    sd = _fill(model, seed)
+    # The head's modulation is a learned table; scale it like the real checkpoints' small values.
+    sd["head.modulation"] = sd["head.modulation"] * 0.1
+    return sd
+
+
+def wan21_vae_state_dict(seed: int = 0, dim: int = 16) -> dict[str, torch.Tensor]:
+    runtime.boot()
+    from comfy.ldm.wan.vae import WanVAE
+
+    vae = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
+    return _fill(vae, seed)
+
+
+def write(kind: str, name: str, state_dict: dict[str, torch.Tensor]) -> str:
+    """Save into ComfyUI's model folder of `kind`; returns the file name the loaders list."""
+    path = runtime.model_path(kind, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path):
+        save_file(state_dict, path)
+    return name
+
+
+def tiny_wan_t2v(seed: int = 0, **cfg) -> str:
+    """File name (under diffusion_models) of a tiny random Wan 2.1 T2V."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted(cfg.items()))
+    return write("diffusion_models", f"tiny_wan21_t2v_s{seed}{'-' + tag if tag else ''}.safetensors",
+                 wan21_t2v_state_dict(seed, **cfg))
+
+
+def tiny_wan_vae(seed: int = 0, dim: int = 16) -> str:
+    """File name (under vae) of a tiny random Wan 2.1 VAE."""
+    return write("vae", f"tiny_wan21_vae_s{seed}_d{dim}.safetensors", wan21_vae_state_dict(seed, dim))
+
+
+def text_conditioning(seed: int = 0, tokens: int = 8, batch: int = 1) -> torch.Tensor:
+    """A stand-in for umT5 output: (batch, tokens, 4096)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, TEXT_DIM, generator=gen)
