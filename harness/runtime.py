@@ -51,12 +51,17 @@ def _torchvision_stand_in() -> None:
     def _missing(*_a, **_k):
         raise RuntimeError("torchvision is not usable in this runtime")
 
+    def _attr(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _missing
+
     root = types.ModuleType("torchvision")
     root.__path__ = []
     transforms = types.ModuleType("torchvision.transforms")
-    transforms.__getattr__ = lambda name: _missing  # type: ignore[attr-defined]
+    transforms.__getattr__ = _attr  # type: ignore[attr-defined]
     root.transforms = transforms
-    root.__getattr__ = lambda name: _missing  # type: ignore[attr-defined]
+    root.__getattr__ = _attr  # type: ignore[attr-defined]
     sys.modules["torchvision"] = root
     sys.modules["torchvision.transforms"] = transforms
 
@@ -77,22 +82,14 @@ def boot(base_dir: str | None = None, load_pack: bool = True):
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
-    import utils.install_util  # noqa: F401  (main.py imports these before nodes)
-    import utils.extra_config  # noqa: F401
-    import folder_paths
-
     base_dir = base_dir or tempfile.mkdtemp(prefix="usv-comfy-")
-    for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
-        os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
-    folder_paths.set_output_directory(os.path.join(base_dir, "output"))
-    folder_paths.set_input_directory(os.path.join(base_dir, "input"))
-    folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
-    folder_paths.set_user_directory(os.path.join(base_dir, "user"))
     models = os.path.join(base_dir, "models")
     for kind in ("diffusion_models", "vae", "text_encoders", "loras", "checkpoints"):
         os.makedirs(os.path.join(models, kind), exist_ok=True)
-        folder_paths.add_model_folder_path(kind, os.path.join(models, kind), is_default=True)
-
+    # folder_paths reads the base directory once, at its import (through utils.extra_config).
+    comfy.cli_args.args.base_directory = base_dir
+    import utils.install_util  # noqa: F401  (main.py imports these before nodes)
+    import utils.extra_config  # noqa: F401
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -100,6 +97,9 @@ def boot(base_dir: str | None = None, load_pack: bool = True):
         ok = asyncio.run(nodes.load_custom_node(PACK_DIR, module_parent="custom_nodes"))
         if not ok:
             raise RuntimeError("the USV pack failed to load into ComfyUI; see the log above")
+    from . import test_nodes
+
+    test_nodes.register(nodes)
     _state.update(nodes=nodes, base_dir=base_dir, models=models)
     return nodes
 
@@ -135,9 +135,16 @@ class WorkflowError(RuntimeError):
 
 @dataclass
 class RunResult:
-    outputs: dict
+    outputs: dict  # what the nodes showed in the UI, by node id
     messages: list = field(default_factory=list)
     executor: object = None
+
+    def output(self, node_id: str, index: int = 0):
+        """Output `index` of node `node_id`, as the executor cached it."""
+        entry = self.executor.caches.outputs.get(str(node_id))
+        if entry is None:
+            raise KeyError(f"node {node_id} has no cached output (did it run?)")
+        return entry.outputs[index][0]
 
 
 def run_workflow(prompt: dict, executor=None) -> RunResult:
@@ -160,11 +167,6 @@ def run_workflow(prompt: dict, executor=None) -> RunResult:
             detail = f"{detail.get('node_type')}: {detail.get('exception_type')}: {detail.get('exception_message')}\n{''.join(detail.get('traceback', []))}"
         raise WorkflowError(f"workflow failed: {detail}")
     return RunResult(outputs=executor.history_result["outputs"], messages=executor.status_messages, executor=executor)
-
-
-def node_output(prompt: dict, node_id: str, index: int = 0):
-    """Run a prompt and return output `index` of node `node_id` from the executor's cache."""
-    raise NotImplementedError
 
 
 logging.getLogger("usv.harness").addHandler(logging.NullHandler())

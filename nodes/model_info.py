@@ -13,6 +13,7 @@ class USVModelInfo(io.ComfyNode):
             description="Names the model's architecture and variant, its token layout, and whether USV can patch it.",
             inputs=[io.Model.Input("model")],
             outputs=[io.String.Output(display_name="info")],
+            is_output_node=True,
         )
 
     @classmethod

@@ -23,3 +23,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ComfyUI harness. Booting ComfyUI costs seconds, so it happens once per session and only for
+# tests that ask for it.
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The real ComfyUI, booted in this process with the pack loaded; returns its `nodes` module."""
+    from harness import runtime
+
+    return runtime.boot()
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(comfy):
+    """File name of a tiny random Wan 2.1 T2V in ComfyUI's diffusion_models folder."""
+    from harness import tiny_models
+
+    return tiny_models.tiny_wan_t2v(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(comfy):
+    """File name of a tiny random Wan 2.1 VAE in ComfyUI's vae folder."""
+    from harness import tiny_models
+
+    return tiny_models.tiny_wan_vae(0)
+
+
+@pytest.fixture(scope="session")
+def run_workflow(comfy):
+    """Validate and execute an API-format prompt through ComfyUI's executor."""
+    from harness import runtime
+
+    return runtime.run_workflow
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """A real ComfyUI server on a loopback port with the pack in custom_nodes; stopped afterwards."""
+    from harness.server import ComfyServer
+
+    server = ComfyServer().start()
+    yield server
+    server.stop()

@@ -1,0 +1,72 @@
+"""USV Model Info through the real ComfyUI: in process and through the server."""
+
+import shutil
+
+import pytest
+import torch
+
+from harness import runtime, tiny_models
+
+
+def info_prompt(unet_name):
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+        "2": {"class_type": "USVModelInfo", "inputs": {"model": ["1", 0]}},
+    }
+
+
+def test_describes_tiny_wan_in_process(run_workflow, tiny_wan):
+    result = run_workflow(info_prompt(tiny_wan))
+    text = result.output("2")
+    assert "Wan 2.1 (t2v)" in text
+    assert "patch size: 1x2x2" in text
+    assert "layers: 2" in text
+    assert "heads: 2, head dim: 128" in text
+    assert "USV can patch it" in text
+    assert result.outputs["2"]["text"] == [text]
+
+
+def test_describes_deeper_wan_with_its_own_numbers(run_workflow, comfy):
+    name = tiny_models.tiny_wan_t2v(1, dim=384, layers=3)
+    text = run_workflow(info_prompt(name)).output("2")
+    assert "layers: 3" in text and "heads: 3, head dim: 128" in text
+
+
+def _tiny_sd15_patcher():
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 768, "num_heads": 8, "num_head_channels": -1, "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+    }
+    config = comfy.supported_models.SD15(unet_config)
+    model = config.get_model({}, device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def test_sd15_unet_is_reported_not_raised(comfy):
+    node = comfy.NODE_CLASS_MAPPINGS["USVModelInfo"]
+    text = node.execute(_tiny_sd15_patcher()).result[0]
+    assert "architecture: unknown" in text
+    assert "USV cannot patch it" in text
+    assert "UNetModel" in text and "Wan 2.1" in text  # names what it got and what is supported
+
+
+@pytest.mark.server
+def test_server_lists_and_runs_model_info(comfy_server, tiny_wan):
+    info = comfy_server.object_info()
+    assert "USVModelInfo" in info
+    node = info["USVModelInfo"]
+    assert node["display_name"] == "USV Model Info"
+    assert node["output"] == ["STRING"]
+    assert "model" in node["input"]["required"]
+
+    shutil.copy(runtime.model_path("diffusion_models", tiny_wan), comfy_server.models_dir("diffusion_models"))
+    entry = comfy_server.wait(comfy_server.queue(info_prompt(tiny_wan)))
+    text = entry["outputs"]["2"]["text"][0]
+    assert "Wan 2.1 (t2v)" in text and "USV can patch it" in text
