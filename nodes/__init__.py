@@ -5,10 +5,13 @@ from comfy_api.latest import ComfyExtension, io
 
 def all_nodes() -> list[type[io.ComfyNode]]:
     # Imported here so that a failure in one module names itself instead of hiding the pack.
+    from .dmd import USVDMDSampler, USVDMDSigmas
     from .model_info import USVModelInfo
 
     return [
         USVModelInfo,
+        USVDMDSigmas,
+        USVDMDSampler,
     ]
 
 
