@@ -1,0 +1,358 @@
+"""Cube-local token merging: plans, merge, unmerge and the positions merged tokens stand for.
+
+A plan is built once from a similarity metric (keys or normalised hidden states) and then applied
+to any tensor laid out like the metric: `merge` before a transformer block shrinks (B, N, C) to
+(B, M, C) group means, `unmerge` after it copies each merged token back to every member.
+
+Matching is bipartite soft matching (ToMe) run independently inside every cube of the VSA tiling,
+so a group never leaves its cube and the merged sequence is itself grouped cube after cube:
+block-sparse attention runs on it directly with `plan.block_sizes` as its block sizes.
+
+Inside a cube of n tokens that must drop r of them (keeping k = n - r):
+- destinations: the first D = clamp(ceil(destination_share * n), 1, k) tokens of a fixed,
+  spatially spread priority order (for a 4x4x4 cube the first 16 are the body-centred lattice:
+  one token per 2x2 patch in every frame); the remaining tokens are sources;
+- every source picks its most similar destination (cosine);
+- the r sources with the highest best-similarity merge into their destination, the other
+  sources stay alone. D <= k guarantees there are enough sources.
+Merged tokens of a cube are ordered by the raster index of their representative (the destination,
+or the source itself when it stayed alone); `plan.positions` holds that raster index, which is
+what RoPE frequencies are gathered with.
+
+Per-cube counts depend only on the tiling and the ratio, never on the data, so every batch element
+keeps the same number of tokens per cube: M and `block_sizes` are shared by the batch while the
+groups themselves (dst_index, positions, sizes) are per batch element.
+
+Plans compose: a plan built with `prior=` on an already merged sequence weights every input token
+by how many original tokens it stands for (`prior.sizes`), so merging twice gives the exact group
+means of the original tokens, and positions stay raster indices of the original grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .tiling import cube_tiling
+
+__all__ = ["MergePlan", "plan_merge", "MAX_RATIO"]
+
+MAX_RATIO = 0.9
+
+# Order in which the 8 corners of a 2x2x2 cell become destinations, as (t, h, w) bit triples
+# t*4 + h*2 + w: each next corner is far from those already taken (000, then its opposite 111,
+# then the opposite pair 011/100, ...), so any prefix of the priority order is spread out.
+_CORNER_RANK = torch.tensor([0, 7, 5, 2, 3, 4, 6, 1])  # rank of corner c (inverse of 0,7,3,4,5,2,6,1)
+
+
+def _check_triple(name, value) -> Tuple[int, int, int]:
+    try:
+        t = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be three positive integers, got {value!r}") from None
+    if len(t) != 3 or any(v <= 0 for v in t):
+        raise ValueError(f"{name} must be three positive integers, got {value!r}")
+    return t
+
+
+def _destination_priority(pos: torch.Tensor, grid, cube) -> torch.Tensor:
+    """Priority (lower = becomes a destination first) of the tokens at raster indices `pos`,
+    from their local coordinates inside their cube.
+
+    The key reads the local coordinates bit by bit from the lowest bit up: level 0 splits a cube
+    into the 8 interleaved stride-2 sub-lattices, level 1 into stride-4 ones, and so on; at each
+    level the 8 corners are ranked by _CORNER_RANK. Tokens of one cube have distinct keys.
+    """
+    T, H, W = grid
+    ct, ch, cw = cube
+    t, h, w = pos // (H * W), (pos // W) % H, pos % W
+    lt, lh, lw = t % ct, h % ch, w % cw
+    levels = max(1, max(c - 1 for c in cube).bit_length())
+    rank = _CORNER_RANK.to(pos.device)
+    key = torch.zeros_like(pos)
+    for level in range(levels):  # most significant digit first
+        corner = ((lt >> level) & 1) * 4 + ((lh >> level) & 1) * 2 + ((lw >> level) & 1)
+        key = key * 8 + rank[corner]
+    return key
+
+
+def _removed_per_cube(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Tokens each cube removes: ratio * n_c rounded by largest remainder so that the total is
+    round(ratio * N), each cube keeping at least one token. CPU int64 in, CPU int64 out."""
+    ideal = sizes.double() * ratio
+    removed = ideal.floor().long()  # floor(ratio * n) <= n - 1 for ratio < 1
+    need = int(round(ratio * int(sizes.sum()))) - int(removed.sum())
+    if need > 0:
+        frac = torch.where(removed < sizes - 1, ideal - removed, torch.full_like(ideal, -1.0))
+        # stable sort: equal remainders go to the lower cube index first
+        order = torch.sort(frac, descending=True, stable=True).indices[:need]
+        order = order[frac[order] >= 0]  # cubes already at one token cannot give more
+        removed[order] += 1
+    return removed
+
+
+@functools.lru_cache(maxsize=16)
+def _raster_slots(grid, cube, device_str):
+    """Padded (1, num_cubes, V) table of raster indices, each cube's tokens sorted by destination
+    priority, padding = N; and per-cube token counts (CPU). Cached: it depends on shapes only."""
+    tiling = cube_tiling(grid, cube, device_str)
+    device = torch.device(device_str)
+    n = tiling.num_tokens
+    pos = torch.arange(n, device=device)[None]
+    counts = tiling.block_sizes.to("cpu", torch.int64)
+    slots = _slot_table(pos, tiling.layout.block_of_token[None], counts, grid, cube)
+    return slots, counts
+
+
+def _slot_table(pos, cube_of, counts, grid, cube) -> torch.Tensor:
+    """(Bp, num_cubes, V) indices into the input sequence, cube by cube, sorted by destination
+    priority; V = max count, padding slots hold L (one past the last token)."""
+    bp, length = pos.shape
+    nc, v = counts.numel(), int(counts.max())
+    levels = max(1, max(c - 1 for c in cube).bit_length())
+    key = cube_of * (8**levels) + _destination_priority(pos, grid, cube)
+    order = torch.argsort(key, dim=1)  # input indices grouped by cube, by priority inside
+    cube_sorted = cube_of.gather(1, order)
+    starts = (torch.cumsum(counts, 0) - counts).to(pos.device)
+    slot = torch.arange(length, device=pos.device)[None] - starts[cube_sorted]
+    table = torch.full((bp, nc * v), length, dtype=torch.int64, device=pos.device)
+    table.scatter_(1, cube_sorted * v + slot, order)
+    return table.view(bp, nc, v)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """How L input tokens (raster order, or the output of a prior plan) merge into M tokens.
+
+    dst_index: (B, L) int64, the merged token each input token goes to.
+    token_weight: (B, L) float32, input size / group size: merge is a weighted scatter-sum.
+    sizes: (B, M) float32, original tokens each merged token stands for (sums to T*H*W).
+    positions: (B, M) int64, raster index of each merged token's representative; within a cube
+        increasing, cubes in raster order of cubes. Gather RoPE frequencies with it (`gather`).
+    block_sizes: (num_cubes,) int32, merged tokens per cube (>= 1), shared by the batch.
+    cube_ordered: whether the output sequence is grouped cube after cube (False only for an
+        identity plan over a raster sequence, whose output is that raster sequence).
+    """
+
+    grid: Tuple[int, int, int]
+    cube: Tuple[int, int, int]
+    ratio: float
+    num_tokens: int
+    num_merged: int
+    dst_index: torch.Tensor
+    token_weight: torch.Tensor
+    sizes: torch.Tensor
+    positions: torch.Tensor
+    block_sizes: torch.Tensor
+    is_identity: bool
+    cube_ordered: bool
+
+    @property
+    def batch(self) -> int:
+        return self.dst_index.shape[0]
+
+    def _flat_index(self, batch: int) -> torch.Tensor:
+        """dst_index flattened over (batch, token) into rows of a (batch * M, C) matrix."""
+        if self.batch != batch and self.batch != 1:
+            raise ValueError(f"x has batch {batch}, the plan was built for batch {self.batch}")
+        idx = self.dst_index.expand(batch, -1)
+        offsets = torch.arange(batch, device=idx.device)[:, None] * self.num_merged
+        return (idx + offsets).reshape(-1)
+
+    def _check_tokens(self, name, x, expected):
+        if x.dim() != 3 or x.shape[1] != expected:
+            raise ValueError(f"{name} must be (B, {expected}, C), got {tuple(x.shape)}")
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> (B, M, C): size-weighted mean of each group, in x's dtype (accumulated in
+        float32). An identity plan returns x itself."""
+        self._check_tokens("x", x, self.num_tokens)
+        if self.is_identity:
+            return x
+        b, n, c = x.shape
+        weight = self.token_weight.expand(b, -1).reshape(-1, 1)
+        src = x.reshape(b * n, c).float() * weight
+        out = torch.zeros(b * self.num_merged, c, dtype=torch.float32, device=x.device)
+        out.index_add_(0, self._flat_index(b), src)
+        return out.view(b, self.num_merged, c).to(x.dtype)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, M, C) -> (B, L, C): every input token gets the value of its merged token. An
+        identity plan returns y itself."""
+        self._check_tokens("y", y, self.num_merged)
+        if self.is_identity:
+            return y
+        b, m, c = y.shape
+        return y.reshape(b * m, c).index_select(0, self._flat_index(b)).view(b, self.num_tokens, c)
+
+    def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Pick, along `dim`, the entries of a tensor indexed by original raster position (e.g.
+        RoPE frequencies (1 or B, N, ...)) at `positions`: (Bt, N, ...) -> (B, M, ...). Dim 0 is
+        the batch (size 1 broadcasts). An identity plan over a raster sequence returns t."""
+        if self.is_identity and not self.cube_ordered:
+            return t
+        dim = dim % t.dim()
+        if dim == 0:
+            raise ValueError("dim must be the token dimension, not the batch dimension 0")
+        b, m = self.positions.shape
+        moved = t.movedim(dim, 1)
+        bt, n = moved.shape[:2]
+        rest = moved.shape[2:]
+        if bt == 1:
+            out = moved[0].index_select(0, self.positions.reshape(-1)).view(b, m, *rest)
+        elif bt == b:
+            idx = (self.positions + torch.arange(b, device=t.device)[:, None] * n).reshape(-1)
+            out = moved.reshape(bt * n, *rest).index_select(0, idx).view(b, m, *rest)
+        else:
+            raise ValueError(f"t has batch {bt}, the plan has batch {b}")
+        return out.movedim(1, dim)
+
+    def representatives(self) -> torch.Tensor:
+        """(B, L): the raster index each input token is represented by after merging."""
+        return self.positions.gather(1, self.dst_index)
+
+    def similarity_to(self, other: "MergePlan") -> float:
+        """Share of input tokens (over the batch) that keep the same representative in both
+        plans: 1.0 for identical groupings; 1 - similarity is the share whose group changed.
+        Cheap enough to decide every step whether a cached plan can be reused."""
+        if not isinstance(other, MergePlan):
+            raise ValueError("other must be a MergePlan")
+        if (self.grid, self.num_tokens) != (other.grid, other.num_tokens):
+            raise ValueError("other must be a plan over the same grid and input length")
+        a, b = self.representatives(), other.representatives()
+        if a.shape[0] != b.shape[0]:
+            a, b = torch.broadcast_tensors(a, b)
+        return float((a == b).float().mean())
+
+
+def _identity_plan(grid, cube, pos, weight, counts, cube_ordered, device) -> MergePlan:
+    b, n = weight.shape
+    return MergePlan(
+        grid=grid, cube=cube, ratio=0.0, num_tokens=n, num_merged=n,
+        dst_index=torch.arange(n, device=device).expand(b, n),
+        token_weight=torch.ones(b, n, device=device),
+        sizes=weight, positions=pos.expand(b, n), block_sizes=counts.to(device, torch.int32),
+        is_identity=True, cube_ordered=cube_ordered,
+    )
+
+
+def plan_merge(
+    metric: torch.Tensor,
+    grid,
+    ratio: float,
+    cube=(4, 4, 4),
+    *,
+    prior: Optional[MergePlan] = None,
+    destination_share: float = 0.25,
+) -> MergePlan:
+    """Plan cube-local token merging from a similarity metric.
+
+    metric: (B, L, C), any float dtype and device; cosine similarity is used. Without `prior`,
+        L = T*H*W in raster order of `grid`; with `prior`, L = prior.num_merged and the tokens
+        are prior's merged sequence (e.g. keys computed on it).
+    grid: (T, H, W) token grid; cube: (ct, ch, cw) VSA cube, tiling the grid from the origin.
+    ratio: share of the L input tokens removed, in [0, 0.9]; 0 gives an identity plan.
+    prior: the plan that produced the input sequence; sizes then compose (see module doc).
+    destination_share: share of each cube's tokens offered as destinations (capped by the kept
+        count, at least 1); 0.25 is one per 2x2 patch per frame.
+    """
+    if not isinstance(metric, torch.Tensor) or metric.dim() != 3:
+        shape = tuple(metric.shape) if isinstance(metric, torch.Tensor) else type(metric).__name__
+        raise ValueError(f"metric must be a 3-D tensor (B, N, C), got {shape}")
+    if not metric.is_floating_point():
+        raise ValueError(f"metric must be a floating-point tensor, got {metric.dtype}")
+    grid = _check_triple("grid", grid)
+    cube = _check_triple("cube", cube)
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"ratio must be a number in [0, {MAX_RATIO}], got {ratio!r}") from None
+    if not 0.0 <= ratio <= MAX_RATIO:
+        raise ValueError(f"ratio must be in [0, {MAX_RATIO}], got {ratio}")
+    if not 0.0 < float(destination_share) <= 1.0:
+        raise ValueError(f"destination_share must be in (0, 1], got {destination_share}")
+    b, length, _ = metric.shape
+    device = metric.device
+    n_grid = math.prod(grid)
+
+    if prior is None:
+        if length != n_grid:
+            raise ValueError(f"grid {grid} holds {n_grid} tokens but metric has N = {length}")
+        slots, counts = _raster_slots(grid, cube, str(device))
+        pos = torch.arange(length, device=device)[None]
+        weight = torch.ones(b, length, device=device)
+        if ratio == 0.0:
+            return _identity_plan(grid, cube, pos, weight, counts, False, device)
+    else:
+        if not isinstance(prior, MergePlan):
+            raise ValueError("prior must be a MergePlan")
+        if prior.grid != grid or prior.cube != cube:
+            raise ValueError(f"prior was built for grid {prior.grid}, cube {prior.cube}; got {grid}, {cube}")
+        if length != prior.num_merged:
+            raise ValueError(f"metric has N = {length} but prior merges to {prior.num_merged} tokens")
+        if prior.batch not in (1, b):
+            raise ValueError(f"metric has batch {b}, prior was built for batch {prior.batch}")
+        pos = prior.positions.to(device)
+        weight = prior.sizes.to(device).float().expand(b, -1)
+        if ratio == 0.0:
+            counts = prior.block_sizes.to("cpu", torch.int64)
+            return _identity_plan(grid, cube, pos, weight, counts, prior.cube_ordered, device)
+        tiling = cube_tiling(grid, cube, device)
+        cube_of = tiling.layout.block_of_token[pos]
+        counts = torch.bincount(cube_of[0], minlength=tiling.num_cubes).cpu()
+        slots = _slot_table(pos, cube_of, counts, grid, cube)
+
+    # Per-cube budget (CPU, shape-only): removed r, kept k, destinations D <= k.
+    removed = _removed_per_cube(counts, ratio)
+    kept = counts - removed
+    n_dst = torch.minimum(torch.clamp((counts.double() * destination_share).ceil().long(), min=1), kept)
+    num_merged = int(kept.sum())
+    nc, v = slots.shape[1], slots.shape[2]
+    d_max = int(n_dst.max())
+    counts_d, removed_d, n_dst_d = (t.to(device) for t in (counts, removed, n_dst))
+    kept_starts = (torch.cumsum(kept, 0) - kept).to(device)
+
+    # Similarities of every slot to its cube's destination slots: (B, nc, V, Dmax).
+    unit = F.normalize(metric, dim=-1)
+    unit = torch.cat([unit, unit.new_zeros(b, 1, unit.shape[-1])], 1)  # row L: padding
+    rows = (slots + torch.arange(b, device=device)[:, None, None] * (length + 1)).reshape(-1)
+    cubes = unit.reshape(b * (length + 1), -1).index_select(0, rows).view(b, nc, v, -1)
+    scores = torch.matmul(cubes, cubes[:, :, :d_max].transpose(-1, -2)).float()
+    slot = torch.arange(v, device=device)
+    scores.masked_fill_((torch.arange(d_max, device=device) >= n_dst_d[:, None])[None, :, None], -math.inf)
+    best, best_dst = scores.max(-1)  # (B, nc, V)
+    is_src = (slot >= n_dst_d[:, None]) & (slot < counts_d[:, None])
+    best = best.masked_fill(~is_src, -math.inf)
+
+    # The r most similar sources of each cube merge; D <= k leaves at least r sources.
+    ranked = torch.argsort(best, dim=-1, descending=True)
+    take = (slot < removed_d[:, None]).expand(b, nc, v)
+    merged = torch.zeros_like(take).scatter_(-1, ranked, take)
+
+    # Output order: cube by cube, then raster index of the representative.
+    slot_pos = torch.cat([pos, pos.new_full((pos.shape[0], 1), n_grid)], 1).gather(1, slots.view(pos.shape[0], -1))
+    slot_pos = slot_pos.view(-1, nc, v).expand(b, nc, v)
+    keep = ~merged & (slot < counts_d[:, None])
+    by_pos = torch.argsort(torch.where(keep, slot_pos, n_grid + 1), dim=-1)
+    rank = torch.empty_like(by_pos).scatter_(-1, by_pos, slot.expand(b, nc, v))
+    out_of_slot = kept_starts[:, None] + rank  # valid where keep
+    out_idx = out_of_slot.gather(-1, torch.where(merged, best_dst, slot))
+
+    dst_index = torch.zeros(b, length + 1, dtype=torch.int64, device=device)
+    dst_index.scatter_(1, slots.reshape(slots.shape[0], -1).expand(b, -1), out_idx.reshape(b, -1))
+    dst_index = dst_index[:, :length].contiguous()  # column L collected the padding slots
+    positions = torch.zeros(b, num_merged + 1, dtype=torch.int64, device=device)
+    positions.scatter_(1, torch.where(keep, out_of_slot, num_merged).reshape(b, -1), slot_pos.reshape(b, -1))
+    positions = positions[:, :num_merged].contiguous()
+    sizes = torch.zeros(b, num_merged, device=device).scatter_add_(1, dst_index, weight)
+    return MergePlan(
+        grid=grid, cube=cube, ratio=ratio, num_tokens=length, num_merged=num_merged,
+        dst_index=dst_index, token_weight=weight / sizes.gather(1, dst_index),
+        sizes=sizes, positions=positions, block_sizes=kept.to(device, torch.int32),
+        is_identity=False, cube_ordered=True,
+    )
