@@ -12,6 +12,7 @@ noised the flow way it supplies the re-noising rule too.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,22 +118,25 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; choose 'stochastic' or 'deterministic'")
 
 
-# Golden-ratio increment: step seeds land far apart in the 64-bit seed space, and none equals
-# noise_seed itself, so the re-noising never repeats the initial noise of a RandomNoise that was
-# given the same seed.
-_SEED_STEP = 0x9E3779B97F4A7C15
+# The fresh noise is keyed by the sigma it noises to, not by the step's index: a schedule split
+# over two samplers (Wan 2.2's high- and low-noise experts, SplitSigmas) then draws exactly the
+# noise of the unsplit run, and editing one timestep leaves the other steps' noise alone. The
+# odd golden-ratio multiplier spreads keys over the 64-bit seed space and never maps a sigma > 0
+# to noise_seed itself, so the re-noising never repeats a RandomNoise given the same seed.
+_SEED_MIX = 0x9E3779B97F4A7C15
 _SEED_SPACE = 1 << 64
 
 
-def step_seed(noise_seed: int, step: int) -> int:
-    """Seed of the fresh noise drawn after step `step` (0-based)."""
-    return (int(noise_seed) + (step + 1) * _SEED_STEP) % _SEED_SPACE
+def step_seed(noise_seed: int, sigma_next) -> int:
+    """Seed of the fresh noise that puts x0 at sigma_next (a float32 sigma, as SIGMAS hold)."""
+    key = struct.unpack("<I", struct.pack("<f", float(sigma_next)))[0]
+    return (int(noise_seed) + key * _SEED_MIX) % _SEED_SPACE
 
 
-def step_noise(shape, noise_seed: int, step: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Fresh noise for step `step`, drawn on the CPU (as ComfyUI draws initial noise) so that the
-    same seed gives the same video on any device."""
-    gen = torch.Generator(device="cpu").manual_seed(step_seed(noise_seed, step))
+def step_noise(shape, noise_seed: int, sigma_next, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Fresh noise for the step to sigma_next, drawn on the CPU (as ComfyUI draws initial noise) so
+    that the same seed gives the same video on any device."""
+    gen = torch.Generator(device="cpu").manual_seed(step_seed(noise_seed, sigma_next))
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32, device="cpu").to(dtype=dtype, device=device)
 
 
@@ -155,7 +159,7 @@ def sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, mode: str =
         if float(sigma_next) <= 0.0:
             x = x0
         elif mode == "stochastic":
-            x = renoise(x0, step_noise(x.shape, noise_seed, i, x.dtype, x.device), sigma_next)
+            x = renoise(x0, step_noise(x.shape, noise_seed, sigma_next, x.dtype, x.device), sigma_next)
         else:
             x = ode_step(x, x0, sigma, sigma_next)
     return x
