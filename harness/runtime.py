@@ -147,11 +147,17 @@ class RunResult:
         return entry.outputs[index][0]
 
 
-def run_workflow(prompt: dict, executor=None) -> RunResult:
-    """Validate and execute an API-format prompt in process. Pass the same executor to reuse its
-    caches between runs; otherwise every run starts cold."""
+def run_workflow(prompt: dict, outputs: tuple[str, ...] = ("sample",), executor=None) -> RunResult:
+    """Validate and execute an API-format prompt in process, up to its output nodes and the nodes
+    named in `outputs` (those that exist). Pass the same executor to reuse its caches between
+    runs; otherwise every run starts cold."""
     boot()
     import execution
+
+    prompt = dict(prompt)
+    for node_id in outputs:
+        if node_id in prompt:
+            prompt[f"_sink_{node_id}"] = {"class_type": "USVTestSink", "inputs": {"value": [node_id, 0]}}
 
     prompt_id = str(uuid.uuid4())
     valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))

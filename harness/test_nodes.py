@@ -53,6 +53,29 @@ class USVTestLatent:
         return ({"samples": _get_tensor(name)},)
 
 
+class _AnyType(str):
+    """ComfyUI's validation compares types with !=; this one matches every type."""
+
+    def __ne__(self, other):
+        return False
+
+
+class USVTestSink:
+    """An output node that takes anything, so that a workflow runs up to the node it consumes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": (_AnyType("*"),)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "take"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    def take(self, value):
+        return ()
+
+
 def register(nodes_module) -> None:
-    for cls in (USVTestConditioning, USVTestLatent):
+    for cls in (USVTestConditioning, USVTestLatent, USVTestSink):
         nodes_module.NODE_CLASS_MAPPINGS.setdefault(cls.__name__, cls)

@@ -7,11 +7,15 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     # Imported here so that a failure in one module names itself instead of hiding the pack.
     from .dmd import USVDMDSampler, USVDMDSigmas
     from .model_info import USVModelInfo
+    from .sparse_attention import USVSparseAttention
+    from .world import USVWorldPrompt
 
     return [
         USVModelInfo,
+        USVSparseAttention,
         USVDMDSigmas,
         USVDMDSampler,
+        USVWorldPrompt,
     ]
 
 

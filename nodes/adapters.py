@@ -111,3 +111,73 @@ def describe(model) -> ModelFacts:
     return _unknown(type(dm).__name__,
                     f"{type(dm).__name__} ({config_name}) is not a video transformer USV supports; "
                     f"supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+# Token layouts: how each family's diffusion-model call lays out its tokens. -------------------
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+class WanAdapter:
+    """Wan 2.1 / 2.2: x (B, C, T, H, W) patchified by (1, 2, 2) into a raster grid; optional
+    frames concatenated in time (time_dim_concat) extend the grid; reference latents (ref_conv)
+    put tokens before it. Image tokens of i2v live in the cross-attention context only."""
+
+    name = "Wan"
+
+    @staticmethod
+    def token_layout(dm, a: dict):
+        x = a.get("x")
+        if x is None or x.ndim != 5:
+            return None
+        pt, ph, pw = (int(p) for p in dm.patch_size)
+        t = x.shape[2]
+        extra = a.get("time_dim_concat")
+        if extra is not None:
+            t += extra.shape[2]
+        grid = (_ceil_div(t, pt), _ceil_div(x.shape[3], ph), _ceil_div(x.shape[4], pw))
+        prefix = 0
+        ref = (a.get("kwargs") or {}).get("reference_latent")
+        if getattr(dm, "ref_conv", None) is not None and ref is not None:
+            prefix = _ceil_div(ref.shape[-2], ph) * _ceil_div(ref.shape[-1], pw) * (ref.shape[2] if ref.ndim == 5 else 1)
+        return grid, prefix
+
+    @staticmethod
+    def block_keys(dm):
+        return [("double_block", i) for i in range(len(dm.blocks))]
+
+
+class LTXVAdapter:
+    """LTX-Video: x (B, C, T, H, W) with patch size 1, tokens in raster order."""
+
+    name = "LTX-Video"
+
+    @staticmethod
+    def token_layout(dm, a: dict):
+        x = a.get("x")
+        if x is None or x.ndim != 5:
+            return None
+        return (x.shape[2], x.shape[3], x.shape[4]), 0
+
+    @staticmethod
+    def block_keys(dm):
+        return [("double_block", i) for i in range(len(dm.transformer_blocks))]
+
+
+_ADAPTERS = {"Wan 2.1": WanAdapter, "Wan 2.2": WanAdapter, "LTX-Video": LTXVAdapter}
+
+
+def adapter_for(model):
+    """(facts, adapter) for a model USV can patch; raises ValueError naming what it supports."""
+    facts = describe(model)
+    adapter = _ADAPTERS.get(facts.family)
+    if adapter is None or not facts.supported:
+        why = facts.reason
+        if facts.family == "HunyuanVideo":
+            why = "HunyuanVideo's joint image-text attention is not served yet"
+        raise ValueError(
+            f"USV cannot patch this model ({facts.family}{', ' + facts.variant if facts.variant else ''}): {why}. "
+            f"Supported: Wan 2.1 / 2.2 (t2v, i2v, ti2v 5B) and LTX-Video."
+        )
+    return facts, adapter

@@ -37,6 +37,12 @@ def comfy():
 
 
 @pytest.fixture(scope="session")
+def comfy_nodes(comfy):
+    """The same as `comfy`, for tests that also import comfy's modules by name."""
+    return comfy
+
+
+@pytest.fixture(scope="session")
 def tiny_wan(comfy):
     """File name of a tiny random Wan 2.1 T2V in ComfyUI's diffusion_models folder."""
     from harness import tiny_models

@@ -49,8 +49,8 @@ def _tiny_sd15_patcher():
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def test_sd15_unet_is_reported_not_raised(comfy):
-    node = comfy.NODE_CLASS_MAPPINGS["USVModelInfo"]
+def test_sd15_unet_is_reported_not_raised(comfy_nodes):
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["USVModelInfo"]
     text = node.execute(_tiny_sd15_patcher()).result[0]
     assert "architecture: unknown" in text
     assert "USV cannot patch it" in text

@@ -1,0 +1,121 @@
+"""USV Sparse Attention: Video Sparse Attention on a model's grid self-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from .adapters import SUPPORTED_HEAD_DIMS, adapter_for
+from .usv_patch import AttentionCall, CallContext, patched_clone
+
+CUBES = {"4x4x4": (4, 4, 4), "1x8x8": (1, 8, 8), "2x4x8": (2, 4, 8)}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def parse_blocks(text: str, layers: int, name: str = "dense_blocks") -> frozenset[int]:
+    """'0, 1, 29' or '0-2' -> block indices; a clear error for anything else."""
+    out: set[int] = set()
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(s) for s in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"{name}: cannot read {part!r}; write block numbers like '0, 1, 29' or ranges like '0-2'") from None
+    bad = sorted(b for b in out if b < 0 or b >= layers)
+    if bad:
+        raise ValueError(f"{name}: block {bad[0]} does not exist; this model has {layers} blocks (0-{layers - 1})")
+    return frozenset(out)
+
+
+def kernel_support(call: AttentionCall) -> str | None:
+    """Why the sparse path cannot serve this call, or None when it can."""
+    if call.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {call.head_dim} (sparse kernels have {SUPPORTED_HEAD_DIMS})"
+    if call.q.dtype not in _DTYPES:
+        return f"dtype {call.q.dtype} (sparse kernels take float16, bfloat16, float32)"
+    if call.q.is_cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed, and the exact PyTorch path is too slow on a GPU"
+    return None
+
+
+@dataclass(frozen=True)
+class SparseAttention:
+    keep: float
+    dense_steps: int
+    dense_blocks: frozenset
+    cube: tuple[int, int, int]
+
+    def attend(self, ctx: CallContext, call: AttentionCall):
+        """The attention output, or None to run this call dense (the counters say why)."""
+        run = ctx.patch.run
+        if ctx.step < self.dense_steps:
+            run.count(ctx.step, ctx.block, "dense:step")
+            return None
+        if ctx.block in self.dense_blocks:
+            run.count(ctx.step, ctx.block, "dense:block")
+            return None
+        if self.keep >= 1.0:
+            run.count(ctx.step, ctx.block, "dense:keep")
+            return None
+        reason = kernel_support(call)
+        if reason is not None:
+            ctx.patch.warn_once("support:" + reason, f"sparse attention cannot serve {reason}; running it dense")
+            run.count(ctx.step, ctx.block, "dense:unsupported")
+            return None
+        from ..usv_core.attention import vsa_attention, vsa_attention_blocked
+
+        if ctx.block_sizes is not None:
+            out = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, self.keep)
+        else:
+            out = vsa_attention(call.q, call.k, call.v, ctx.grid, self.keep, cube=self.cube)
+        run.count(ctx.step, ctx.block, "sparse")
+        return call.output(out)
+
+
+class USVSparseAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="USVSparseAttention",
+            display_name="USV Sparse Attention",
+            category="USV",
+            description=(
+                "Video Sparse Attention: tokens are grouped into 3-D cubes, a cheap coarse pass picks the key "
+                "cubes each query cube needs, and exact attention runs only over those."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input("keep", default=0.125, min=0.02, max=1.0, step=0.005, display_mode=io.NumberDisplay.slider,
+                               tooltip="Share of key cubes each query cube attends. 1.0 is dense attention."),
+                io.Int.Input("dense_steps", default=1, min=0, max=1000,
+                             tooltip="The first denoising steps stay dense: they lay out the composition."),
+                io.String.Input("dense_blocks", default="",
+                                tooltip="Blocks that stay dense, such as '0, 1, 29' or '0-2'."),
+                io.Combo.Input("cube", options=list(CUBES), default="4x4x4",
+                               tooltip="Cube of latent tokens (frames x height x width) that selection works on."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, keep, dense_steps, dense_blocks, cube) -> io.NodeOutput:
+        facts, adapter = adapter_for(model)
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        if cube not in CUBES:
+            raise ValueError(f"cube must be one of {list(CUBES)}, got {cube!r}")
+        feature = SparseAttention(keep=float(keep), dense_steps=int(dense_steps),
+                                  dense_blocks=parse_blocks(dense_blocks, facts.layers), cube=CUBES[cube])
+        return io.NodeOutput(patched_clone(model, adapter, "sparse_attention", feature))

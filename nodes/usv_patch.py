@@ -1,0 +1,315 @@
+"""How USV rides on a ComfyUI model without forking its code.
+
+One `USVPatch` lives in each patched model clone's model_options["transformer_options"]; every
+USV node adds or replaces its feature there (sparse attention, token merging), so applying a
+node twice replaces rather than stacks, and the nodes compose in either order. ComfyUI deep-copies
+model_options on clone, so each clone gets its own patch and its own run statistics.
+
+Per diffusion-model call, the DIFFUSION_MODEL wrapper works out the token grid and puts a
+`CallContext` into a copy of transformer_options, together with
+- an optimized_attention_override that chains whatever override it found there (core sparse
+  attention, attention-backend nodes, Sage patches) and serves grid self-attention itself;
+- per-block replacements that chain any replacement already there and tell the override which
+  block it is in (and, with token merging, merge before the block and unmerge after).
+Everything is installed per call, on top of what other packs put there, and nothing global is
+touched. Callbacks only count steps and close a run's statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("usv")
+
+PATCH_KEY = "usv_patch"
+CALL_KEY = "usv_call"
+WRAPPER_KEY = "usv"
+
+
+@dataclass
+class CallContext:
+    """What one diffusion-model call needs to know about its tokens."""
+
+    patch: "USVPatch"
+    grid: tuple[int, int, int]
+    prefix: int  # tokens before the grid (reference latents)
+    step: int
+    block: int = -1
+    calls_in_block: int = 0
+    block_sizes: torch.Tensor | None = None  # set when tokens are merged: tokens per cube
+    merged_tokens: int | None = None
+
+    @property
+    def grid_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+
+@dataclass
+class RunStats:
+    """Counts of what happened to each attention call, by (step, block, path)."""
+
+    calls: Counter = field(default_factory=Counter)
+    steps: int = 0
+    entropy: dict = field(default_factory=dict)  # (step, block) -> per-head normalised entropy
+    merged: dict = field(default_factory=dict)  # (step, block) -> tokens after merging / before
+
+    def count(self, step: int, block: int, path: str) -> None:
+        self.calls[(step, block, path)] += 1
+
+    def paths(self) -> Counter:
+        out = Counter()
+        for (_, _, path), n in self.calls.items():
+            out[path] += n
+        return out
+
+
+class USVPatch:
+    """The features that USV nodes set on one model clone, and that clone's run statistics."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.features: dict[str, object] = {}
+        self.run = RunStats()
+        self.last_run: RunStats | None = None
+        self._warned: set[str] = set()
+        self._prepare_steps = 0
+
+    def __deepcopy__(self, memo):
+        # Features are immutable settings (and may hold weights): share them. Statistics are per clone.
+        other = USVPatch(self.adapter)
+        other.features = dict(self.features)
+        return other
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("USV: %s", message)
+
+    # callbacks -----------------------------------------------------------------------------
+    def on_prepare_state(self, timestep) -> None:
+        self._prepare_steps += 1
+
+    def on_cleanup(self) -> None:
+        if self.run.calls or self.run.steps:
+            self.last_run = self.run
+        self.run = RunStats()
+        self._prepare_steps = 0
+
+
+def get_patch(model) -> USVPatch | None:
+    return model.model_options.get("transformer_options", {}).get(PATCH_KEY)
+
+
+def _on_prepare_state(patcher, timestep, *_rest):
+    patch = get_patch(patcher)
+    if patch is not None:
+        patch.on_prepare_state(timestep)
+
+
+def _on_cleanup(patcher, *_rest):
+    patch = get_patch(patcher)
+    if patch is not None:
+        patch.on_cleanup()
+
+
+def patched_clone(model, adapter, feature_name: str, feature) -> object:
+    """A clone of `model` with `feature` set under `feature_name`; the model given is untouched."""
+    import comfy.patcher_extension as pe
+
+    m = model.clone()
+    opts = m.model_options.setdefault("transformer_options", {})
+    patch = opts.get(PATCH_KEY)
+    if patch is None:
+        patch = USVPatch(adapter)
+        opts[PATCH_KEY] = patch
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+        m.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, WRAPPER_KEY, _on_prepare_state)
+        m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, _on_cleanup)
+    else:
+        # model_options were deep-copied by clone(), so this patch already belongs to m alone.
+        patch.adapter = adapter
+    patch.features[feature_name] = feature
+    return m
+
+
+# the per-call machinery --------------------------------------------------------------------
+
+def step_index(transformer_options: dict, patch: USVPatch) -> int:
+    """Index of the current sampling step, from the sigmas ComfyUI's samplers put in
+    transformer_options; falls back to counting prepare_state callbacks."""
+    sigmas = transformer_options.get("sample_sigmas")
+    current = transformer_options.get("sigmas")
+    if sigmas is None or current is None or len(sigmas) < 2:
+        return max(0, patch._prepare_steps - 1)
+    sigma = float(current.flatten()[0])
+    sched = sigmas[:-1].float().cpu()
+    return int(torch.argmin((sched - sigma).abs()))
+
+
+def _bind(executor, args, kwargs) -> inspect.BoundArguments:
+    sig = inspect.signature(executor.original)
+    bound = sig.bind(*args, **kwargs)
+    return bound
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    bound = _bind(executor, args, kwargs)
+    opts = bound.arguments.get("transformer_options")
+    patch = opts.get(PATCH_KEY) if isinstance(opts, dict) else None
+    if patch is None or not patch.features:
+        return executor(*args, **kwargs)
+    layout = patch.adapter.token_layout(executor.class_obj, bound.arguments)
+    if layout is None:
+        patch.warn_once("layout", f"{patch.adapter.name}: could not work out the token grid of this call; running it dense")
+        return executor(*args, **kwargs)
+    grid, prefix = layout
+    ctx = CallContext(patch=patch, grid=grid, prefix=prefix, step=step_index(opts, patch))
+    if ctx.step + 1 > patch.run.steps:
+        patch.run.steps = ctx.step + 1
+
+    opts = dict(opts)
+    opts[CALL_KEY] = ctx
+    opts["optimized_attention_override"] = AttentionOverride(opts.get("optimized_attention_override"))
+    replace = dict(opts.get("patches_replace", {}))
+    dit = dict(replace.get("dit", {}))
+    for key in patch.adapter.block_keys(executor.class_obj):
+        dit[key] = BlockHook(key, dit.get(key))
+    replace["dit"] = dit
+    opts["patches_replace"] = replace
+    bound.arguments["transformer_options"] = opts
+    return executor(*bound.args, **bound.kwargs)
+
+
+class BlockHook:
+    """A per-block replacement that marks which block runs, lets features act around it, and
+    chains the replacement that was there before."""
+
+    def __init__(self, key, previous):
+        self.key = key
+        self.index = key[1] if key[0] == "double_block" else None
+        self.previous = previous
+
+    def _inner(self, args, extra):
+        if self.previous is not None:
+            return self.previous(args, extra)
+        return extra["original_block"](args)
+
+    def __call__(self, args, extra):
+        ctx: CallContext | None = args.get("transformer_options", {}).get(CALL_KEY)
+        if ctx is None:
+            return self._inner(args, extra)
+        ctx.block = -1 if self.index is None else self.index
+        ctx.calls_in_block = 0
+        merge = ctx.patch.features.get("token_merge")
+        if merge is not None and self.index is not None:
+            return merge.run_block(ctx, args, extra, self._inner)
+        return self._inner(args, extra)
+
+
+class AttentionOverride:
+    """ComfyUI's optimized_attention_override: serve grid self-attention with a USV feature,
+    hand everything else to the override that was installed before, or to the original."""
+
+    def __init__(self, previous):
+        # Never wrap ourselves twice when an outer USV wrapper already installed one.
+        while isinstance(previous, AttentionOverride):
+            previous = previous.previous
+        self.previous = previous
+
+    def delegate(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        opts = kwargs.get("transformer_options") or {}
+        ctx: CallContext | None = opts.get(CALL_KEY)
+        feature = ctx.patch.features.get("sparse_attention") if ctx is not None else None
+        if ctx is None:
+            return self.delegate(func, args, kwargs)
+        ctx.calls_in_block += 1
+        if feature is None:
+            return self.delegate(func, args, kwargs)
+        call = _parse_attention_call(args, kwargs)
+        expected = ctx.merged_tokens if ctx.merged_tokens is not None else ctx.grid_tokens + ctx.prefix
+        # The first attention call of a block is its self-attention (Wan, LTX-Video); cross-attention
+        # has keys from the text, and masks or foreign shapes mean a call USV does not model.
+        if (ctx.calls_in_block != 1 or call is None or call.mask is not None
+                or call.q_len != expected or call.k_len != expected):
+            ctx.patch.run.count(ctx.step, ctx.block, "declined")
+            return self.delegate(func, args, kwargs)
+        if ctx.prefix:
+            ctx.patch.warn_once("prefix", "tokens outside the video grid (reference latents) make these calls run dense")
+            ctx.patch.run.count(ctx.step, ctx.block, "dense:prefix")
+            return self.delegate(func, args, kwargs)
+        out = feature.attend(ctx, call)
+        if out is None:
+            return self.delegate(func, args, kwargs)
+        return out
+
+
+@dataclass
+class AttentionCall:
+    q: torch.Tensor  # (B, heads, N, D)
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: int
+    mask: object
+    skip_output_reshape: bool
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def k_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, D) back to the layout ComfyUI's caller expects."""
+        if self.skip_output_reshape:
+            return out
+        b, h, n, d = out.shape
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+_ATTN_PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
+def _parse_attention_call(args, kwargs) -> AttentionCall | None:
+    values = dict(zip(_ATTN_PARAMS, args))
+    for name in _ATTN_PARAMS:
+        if name in kwargs:
+            values[name] = kwargs[name]
+    q, k, v, heads = (values.get(n) for n in ("q", "k", "v", "heads"))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not isinstance(heads, int):
+        return None
+    if values.get("skip_reshape", False):
+        if q.ndim != 4:
+            return None
+    else:
+        if q.ndim != 3 or q.shape[-1] % heads:
+            return None
+        b = q.shape[0]
+        q, k, v = (t.view(b, t.shape[1], heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    if q.shape != k.shape or k.shape != v.shape:
+        return None
+    return AttentionCall(q, k, v, heads, values.get("mask"), bool(values.get("skip_output_reshape", False)))
+
+
+def clone_feature(feature, **changes):
+    out = copy.copy(feature)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
