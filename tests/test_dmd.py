@@ -246,6 +246,11 @@ def test_eps_model_gets_its_own_sigmas_and_noising(comfy):
 
 # --- the shipped workflow ---------------------------------------------------------------------
 
+def load_workflow():
+    with open(WORKFLOW) as f:
+        return json.load(f)
+
+
 def widget_names(comfy, class_type):
     """The widget inputs of a node in the order the frontend stores their values, with the extra
     'control after generate' value that seed widgets carry."""
@@ -279,7 +284,7 @@ def ui_to_api(comfy, workflow):
 
 
 def test_workflow_file_matches_the_nodes(comfy):
-    wf = json.load(open(WORKFLOW))
+    wf = load_workflow()
     assert wf["version"] == 0.4 and wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
     assert wf["last_link_id"] == max(link[0] for link in wf["links"])
     prompt = ui_to_api(comfy, wf)
@@ -298,7 +303,7 @@ def test_workflow_file_matches_the_nodes(comfy):
 
 
 def test_workflow_runs_through_the_executor_on_tiny_models(comfy, tiny_wan, tiny_vae):
-    prompt = ui_to_api(comfy, json.load(open(WORKFLOW)))
+    prompt = ui_to_api(comfy, load_workflow())
     for key, v in list(prompt.items()):
         t = v["class_type"]
         if t == "UNETLoader":
@@ -319,3 +324,15 @@ def test_workflow_runs_through_the_executor_on_tiny_models(comfy, tiny_wan, tiny
     assert latent.shape == (1, 16, 2, 4, 4) and torch.isfinite(latent).all()
     saved = result.outputs[save_id]["images"][0]
     assert saved["filename"].endswith(".mp4")
+
+
+@pytest.mark.server
+def test_server_lists_dmd_nodes_with_their_widget_order(comfy_server):
+    info = comfy_server.object_info()
+    sigmas, sampler = info["USVDMDSigmas"], info["USVDMDSampler"]
+    assert sigmas["display_name"] == "USV DMD Sigmas" and sigmas["output"] == ["SIGMAS"]
+    assert sigmas["input_order"]["required"] == ["model", "preset", "timesteps", "shift"]
+    assert sampler["display_name"] == "USV DMD Sampler" and sampler["output"] == ["SAMPLER"]
+    assert sampler["input_order"]["required"] == ["mode", "noise_seed"]
+    assert sampler["input"]["required"]["noise_seed"][1]["control_after_generate"] is True
+    assert "usv_dmd" not in info["KSampler"]["input"]["required"]["sampler_name"][0]
