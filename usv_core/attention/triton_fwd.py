@@ -1,0 +1,84 @@
+"""Block-sparse flash attention, forward.
+
+One program per (query block, batch*head) walks that query block's list of key blocks with an
+online softmax in base 2 (scale * log2(e) folded into one multiply), accumulating in float32.
+
+Rows of a block are found in one of two ways (USE_TABLE):
+- through the token table (num_blocks, BLOCK) of sequence indices, -1 for missing slots: this
+  reads raster-ordered tensors directly (each cube is 16 runs of 4 contiguous tokens, every row a
+  contiguous head_dim vector, so the loads stay 16-byte wide) and serves variable block sizes;
+- as BLOCK consecutive rows starting at block * BLOCK, the first SIZES[block] of them real.
+Missing keys get -inf logits; missing query rows are never stored.
+
+The row log-sum-exp (base 2, in units of the scaled logits) is stored per token for the backward.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bsa_fwd_kernel(
+    Q, K, V, O, LSE, IDX, CNT, TAB, SIZES,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, NQB, N, kmax, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
+
+    if USE_TABLE:
+        q_tok = tl.load(TAB + qb * BLOCK + offs).to(tl.int64)
+        q_valid = q_tok >= 0
+    else:
+        q_tok = qb.to(tl.int64) * BLOCK + offs
+        q_valid = offs < tl.load(SIZES + qb)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_tok[:, None] * stride_qn + d[None, :],
+                mask=q_valid[:, None], other=0.0)
+    if DOT_F32:
+        # Triton 3.6's interpreter multiplies bfloat16 bit patterns as integers: under it the
+        # matrix operands are widened (the interpreter alone sets DOT_F32)
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+
+    row = bh.to(tl.int64) * NQB + qb
+    cnt = tl.load(CNT + row)
+    idx_ptr = IDX + row * kmax
+    for j in range(0, cnt):
+        kb = tl.load(idx_ptr + j)
+        if USE_TABLE:
+            k_tok = tl.load(TAB + kb * BLOCK + offs).to(tl.int64)
+            k_valid = k_tok >= 0
+        else:
+            k_tok = kb.to(tl.int64) * BLOCK + offs
+            k_valid = offs < tl.load(SIZES + kb)
+        k = tl.load(k_base + k_tok[:, None] * stride_kn + d[None, :], mask=k_valid[:, None], other=0.0)
+        v = tl.load(v_base + k_tok[:, None] * stride_vn + d[None, :], mask=k_valid[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = qk + tl.where(k_valid, 0.0, float("-inf"))[None, :]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + q_tok[:, None] * stride_on + d[None, :],
+             acc.to(O.dtype.element_ty), mask=q_valid[:, None])
+    tl.store(LSE + bh.to(tl.int64) * N + q_tok, m_i + tl.math.log2(l_i), mask=q_valid)

@@ -1,0 +1,46 @@
+"""Cube pooling: the mean of q, k (and v) over the real tokens of every block.
+
+One program per (block, batch*head) reads the block's rows through the token table, so raster
+tensors are pooled without a reorder; q, k and v are pooled in the same launch.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pool_one(X, OUT, tok, valid, inv_size, b, h, c, H, C,
+              stride_xb, stride_xh, stride_xn, HEAD_DIM: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(base + tok[:, None] * stride_xn + d[None, :], mask=valid[:, None], other=0.0)
+    mean = tl.sum(x.to(tl.float32), axis=0) * inv_size
+    tl.store(OUT + ((b * H + h).to(tl.int64) * C + c) * HEAD_DIM + d, mean)
+
+
+@triton.jit
+def pool_kernel(
+    Q, K, V, QC, KC, VC, TAB, SIZES,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, C,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr, WITH_V: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, BLOCK)
+    size = tl.load(SIZES + c)
+    if USE_TABLE:
+        tok = tl.load(TAB + c * BLOCK + offs).to(tl.int64)
+        valid = tok >= 0
+    else:
+        tok = (c * BLOCK + offs).to(tl.int64)
+        valid = offs < size
+    inv_size = 1.0 / size.to(tl.float32)
+    _pool_one(Q, QC, tok, valid, inv_size, b, h, c, H, C, stride_qb, stride_qh, stride_qn, HEAD_DIM)
+    _pool_one(K, KC, tok, valid, inv_size, b, h, c, H, C, stride_kb, stride_kh, stride_kn, HEAD_DIM)
+    if WITH_V:
+        _pool_one(V, VC, tok, valid, inv_size, b, h, c, H, C, stride_vb, stride_vh, stride_vn, HEAD_DIM)

@@ -1,0 +1,196 @@
+"""Token grid <-> cube order.
+
+A video latent after patchify is a (T, H, W) grid of tokens stored in raster order (t slowest,
+w fastest). Video Sparse Attention groups the tokens into cubes of (ct, ch, cw) that tile the grid
+from the origin, so there are ceil(T/ct) x ceil(H/ch) x ceil(W/cw) cubes and the cubes on the far
+edges hold fewer real tokens. Cubes are numbered in raster order of the cube grid, and inside a
+cube tokens keep their raster order.
+
+Two layouts describe the same grouping:
+- compact cube order: the N real tokens grouped cube after cube, no padding (`perm`, `inv_perm`,
+  `block_sizes`, `block_starts`); token merging produces sequences in this layout;
+- padded token table: (num_cubes, block) raster indices with -1 for the slots an edge cube lacks
+  (`token_table`); the kernels read raster-ordered tensors through it, so no reorder is needed.
+
+`cube_tiling(grid, cube, device)` builds all of it once per (grid, cube, device) and caches it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+__all__ = [
+    "CubeTiling",
+    "cube_tiling",
+    "blocked_layout",
+    "BlockLayout",
+    "to_cube_order",
+    "from_cube_order",
+    "next_block",
+]
+
+
+def next_block(n: int) -> int:
+    """Smallest kernel tile (a power of two, at least 16: tensor-core minimum) holding n tokens."""
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a sequence of N tokens is grouped into blocks (cubes) for block-sparse attention.
+
+    token_table: (num_blocks, block) int32, the sequence index of each slot, -1 for padding.
+    block_sizes: (num_blocks,) int32, real tokens per block (>= 1).
+    block_of_token: (N,) int64, the block each sequence position belongs to.
+    """
+
+    num_tokens: int
+    num_blocks: int
+    block: int
+    max_block_size: int
+    token_table: torch.Tensor
+    block_sizes: torch.Tensor
+    block_of_token: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CubeTiling:
+    grid: Tuple[int, int, int]
+    cube: Tuple[int, int, int]
+    cube_grid: Tuple[int, int, int]
+    num_cubes: int
+    num_tokens: int
+    perm: torch.Tensor  # (N,) raster index of the i-th token in compact cube order
+    inv_perm: torch.Tensor  # (N,) compact cube-order position of raster token r
+    block_sizes: torch.Tensor  # (num_cubes,) int32 real tokens per cube
+    block_starts: torch.Tensor  # (num_cubes + 1,) int64 offsets into compact cube order
+    layout: BlockLayout  # token_table holds raster indices: kernels read raster tensors directly
+
+
+def _check_triple(name, value):
+    try:
+        t = tuple(int(x) for x in value)
+    except TypeError:
+        raise ValueError(f"{name} must be three positive integers, got {value!r}") from None
+    if len(t) != 3 or any(x <= 0 for x in t):
+        raise ValueError(f"{name} must be three positive integers, got {value!r}")
+    return t
+
+
+@functools.lru_cache(maxsize=64)
+def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
+    device = torch.device(device_str)
+    T, H, W = grid
+    ct, ch, cw = cube
+    nt, nh, nw = -(-T // ct), -(-H // ch), -(-W // cw)
+    num_cubes = nt * nh * nw
+    vol = ct * ch * cw
+    n = T * H * W
+
+    # The padded table: every cube slot (local t, h, w) maps to a raster index, or -1 where the
+    # slot falls outside the grid.  Built on the CPU with integer arithmetic, then moved.
+    ci = torch.arange(num_cubes)
+    cube_t, cube_h, cube_w = ci // (nh * nw), (ci // nw) % nh, ci % nw
+    li = torch.arange(vol)
+    lt, lh, lw = li // (ch * cw), (li // cw) % ch, li % cw
+    t = cube_t[:, None] * ct + lt[None, :]
+    h = cube_h[:, None] * ch + lh[None, :]
+    w = cube_w[:, None] * cw + lw[None, :]
+    valid = (t < T) & (h < H) & (w < W)
+    raster = (t * H + h) * W + w
+    table = torch.where(valid, raster, torch.full_like(raster, -1))
+
+    # Compact cube order keeps the valid slots in table order, which is raster order in a cube.
+    perm = table[valid]
+    sizes = valid.sum(1)
+    starts = torch.zeros(num_cubes + 1, dtype=torch.int64)
+    starts[1:] = torch.cumsum(sizes, 0)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(n)
+    block_of_token = torch.empty(n, dtype=torch.int64)
+    block_of_token[perm] = torch.repeat_interleave(ci, sizes)
+
+    blk = next_block(vol)
+    padded = torch.full((num_cubes, blk), -1, dtype=torch.int64)
+    padded[:, :vol] = table
+    layout = BlockLayout(
+        num_tokens=n,
+        num_blocks=num_cubes,
+        block=blk,
+        max_block_size=int(sizes.max()),
+        token_table=padded.to(torch.int32).to(device),
+        block_sizes=sizes.to(torch.int32).to(device),
+        block_of_token=block_of_token.to(device),
+    )
+    return CubeTiling(
+        grid=(T, H, W),
+        cube=(ct, ch, cw),
+        cube_grid=(nt, nh, nw),
+        num_cubes=num_cubes,
+        num_tokens=n,
+        perm=perm.to(device),
+        inv_perm=inv_perm.to(device),
+        block_sizes=sizes.to(torch.int32).to(device),
+        block_starts=starts.to(device),
+        layout=layout,
+    )
+
+
+def cube_tiling(grid, cube=(4, 4, 4), device="cpu") -> CubeTiling:
+    """The cube tiling of a (T, H, W) grid, cached per (grid, cube, device)."""
+    grid = _check_triple("grid", grid)
+    cube = _check_triple("cube", cube)
+    return _cube_tiling_cached(grid, cube, str(torch.device(device)))
+
+
+def blocked_layout(block_sizes: torch.Tensor, device=None) -> BlockLayout:
+    """Layout of a sequence already grouped block after block, block i holding block_sizes[i]
+    consecutive tokens (the output of token merging). Not cached: sizes change per call."""
+    if not isinstance(block_sizes, torch.Tensor) or block_sizes.dim() != 1 or block_sizes.numel() == 0:
+        raise ValueError("block_sizes must be a non-empty 1-D integer tensor")
+    if block_sizes.dtype.is_floating_point or block_sizes.dtype == torch.bool:
+        raise ValueError("block_sizes must be an integer tensor")
+    device = torch.device(device) if device is not None else block_sizes.device
+    sizes = block_sizes.to(device=device, dtype=torch.int64)
+    # one host sync: the tile width is a compile-time constant of the kernels
+    smax, smin = (int(x) for x in torch.stack([sizes.max(), sizes.min()]).tolist())
+    if smin < 1:
+        raise ValueError("block_sizes must all be >= 1")
+    blk = next_block(smax)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(blk, device=device)
+    table = torch.where(slot[None, :] < sizes[:, None], starts[:, None] + slot[None, :], -1)
+    nb = sizes.numel()
+    block_of_token = torch.repeat_interleave(torch.arange(nb, device=device), sizes)
+    return BlockLayout(
+        num_tokens=int(block_of_token.numel()),
+        num_blocks=nb,
+        block=blk,
+        max_block_size=smax,
+        token_table=table.to(torch.int32),
+        block_sizes=sizes.to(torch.int32),
+        block_of_token=block_of_token,
+    )
+
+
+def to_cube_order(x: torch.Tensor, grid, cube=(4, 4, 4), dim: int = -2) -> torch.Tensor:
+    """Raster -> compact cube order along `dim` (default: the token dim of (B, heads, N, D))."""
+    tiling = cube_tiling(grid, cube, x.device)
+    return x.index_select(dim, tiling.perm)
+
+
+def from_cube_order(x: torch.Tensor, grid, cube=(4, 4, 4), dim: int = -2) -> torch.Tensor:
+    """Compact cube order -> raster along `dim`; the inverse of to_cube_order."""
+    tiling = cube_tiling(grid, cube, x.device)
+    return x.index_select(dim, tiling.inv_perm)
+
+
+def num_cubes(grid, cube=(4, 4, 4)) -> int:
+    grid = _check_triple("grid", grid)
+    cube = _check_triple("cube", cube)
+    return math.prod(-(-g // c) for g, c in zip(grid, cube))
