@@ -33,10 +33,9 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .tiling import cube_tiling
 
@@ -96,6 +95,45 @@ def _removed_per_cube(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
     return removed
 
 
+class _Budget(NamedTuple):
+    """Per-cube counts for one (counts, ratio, destination share): shape-only, so cached and kept
+    on the device; planning then never waits for the GPU."""
+
+    num_merged: int
+    d_max: int
+    kept_host: torch.Tensor  # (nc,) CPU int64, merged tokens per cube
+    block_sizes: torch.Tensor  # (nc,) int32 on the device
+    kept_starts: torch.Tensor  # (nc, 1) first output index of each cube
+    starts: torch.Tensor  # (nc,) first input index of each cube (input grouped by cube)
+    real: torch.Tensor  # (nc, V) slot holds a token
+    is_source: torch.Tensor  # (nc, V) slot holds a source
+    takes: torch.Tensor  # (nc, V) slot rank < removed: the top-ranked sources merge
+    bad_column: torch.Tensor  # (nc, 1, Dmax) destination column unused in this cube
+
+
+@functools.lru_cache(maxsize=64)
+def _budget(counts: Tuple[int, ...], ratio: float, destination_share: float, device_str) -> _Budget:
+    device = torch.device(device_str)
+    counts = torch.tensor(counts, dtype=torch.int64)
+    removed = _removed_per_cube(counts, ratio)
+    kept = counts - removed
+    n_dst = torch.minimum(torch.clamp((counts.double() * destination_share).ceil().long(), min=1), kept)
+    slot = torch.arange(int(counts.max()))
+    d_max = int(n_dst.max())
+    return _Budget(
+        num_merged=int(kept.sum()),
+        d_max=d_max,
+        kept_host=kept,
+        block_sizes=kept.to(device, torch.int32),
+        kept_starts=(torch.cumsum(kept, 0) - kept)[:, None].to(device),
+        starts=(torch.cumsum(counts, 0) - counts).to(device),
+        real=(slot < counts[:, None]).to(device),
+        is_source=((slot >= n_dst[:, None]) & (slot < counts[:, None])).to(device),
+        takes=(slot < removed[:, None]).to(device),
+        bad_column=(torch.arange(d_max) >= n_dst[:, None])[:, None, :].to(device),
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _raster_slots(grid, cube, device_str):
     """Padded (1, num_cubes, V) table of raster indices, each cube's tokens sorted by destination
@@ -105,20 +143,21 @@ def _raster_slots(grid, cube, device_str):
     n = tiling.num_tokens
     pos = torch.arange(n, device=device)[None]
     counts = tiling.block_sizes.to("cpu", torch.int64)
-    slots = _slot_table(pos, tiling.layout.block_of_token[None], counts, grid, cube)
+    starts = (torch.cumsum(counts, 0) - counts).to(device)
+    slots = _slot_table(pos, tiling.layout.block_of_token[None], starts, int(counts.max()), grid, cube)
     return slots, counts
 
 
-def _slot_table(pos, cube_of, counts, grid, cube) -> torch.Tensor:
+def _slot_table(pos, cube_of, starts, v, grid, cube) -> torch.Tensor:
     """(Bp, num_cubes, V) indices into the input sequence, cube by cube, sorted by destination
-    priority; V = max count, padding slots hold L (one past the last token)."""
+    priority; V = max tokens per cube, padding slots hold L (one past the last token).
+    starts: (num_cubes,) first index of each cube in the cube-grouped order, on pos's device."""
     bp, length = pos.shape
-    nc, v = counts.numel(), int(counts.max())
+    nc = starts.numel()
     levels = max(1, max(c - 1 for c in cube).bit_length())
     key = cube_of * (8**levels) + _destination_priority(pos, grid, cube)
     order = torch.argsort(key, dim=1)  # input indices grouped by cube, by priority inside
     cube_sorted = cube_of.gather(1, order)
-    starts = (torch.cumsum(counts, 0) - counts).to(pos.device)
     slot = torch.arange(length, device=pos.device)[None] - starts[cube_sorted]
     table = torch.full((bp, nc * v), length, dtype=torch.int64, device=pos.device)
     table.scatter_(1, cube_sorted * v + slot, order)
@@ -135,6 +174,7 @@ class MergePlan:
     positions: (B, M) int64, raster index of each merged token's representative; within a cube
         increasing, cubes in raster order of cubes. Gather RoPE frequencies with it (`gather`).
     block_sizes: (num_cubes,) int32, merged tokens per cube (>= 1), shared by the batch.
+    block_sizes_host: the same as a CPU int64 tensor, readable without a device sync.
     cube_ordered: whether the output sequence is grouped cube after cube (False only for an
         identity plan over a raster sequence, whose output is that raster sequence).
     """
@@ -149,6 +189,7 @@ class MergePlan:
     sizes: torch.Tensor
     positions: torch.Tensor
     block_sizes: torch.Tensor
+    block_sizes_host: torch.Tensor
     is_identity: bool
     cube_ordered: bool
 
@@ -237,6 +278,7 @@ def _identity_plan(grid, cube, pos, weight, counts, cube_ordered, device) -> Mer
         dst_index=torch.arange(n, device=device).expand(b, n),
         token_weight=torch.ones(b, n, device=device),
         sizes=weight, positions=pos.expand(b, n), block_sizes=counts.to(device, torch.int32),
+        block_sizes_host=counts,
         is_identity=True, cube_ordered=cube_ordered,
     )
 
@@ -300,47 +342,44 @@ def plan_merge(
         pos = prior.positions.to(device)
         weight = prior.sizes.to(device).float().expand(b, -1)
         if ratio == 0.0:
-            counts = prior.block_sizes.to("cpu", torch.int64)
+            counts = prior.block_sizes_host
             return _identity_plan(grid, cube, pos, weight, counts, prior.cube_ordered, device)
         tiling = cube_tiling(grid, cube, device)
         cube_of = tiling.layout.block_of_token[pos]
-        counts = torch.bincount(cube_of[0], minlength=tiling.num_cubes).cpu()
-        slots = _slot_table(pos, cube_of, counts, grid, cube)
+        counts = prior.block_sizes_host
 
-    # Per-cube budget (CPU, shape-only): removed r, kept k, destinations D <= k.
-    removed = _removed_per_cube(counts, ratio)
-    kept = counts - removed
-    n_dst = torch.minimum(torch.clamp((counts.double() * destination_share).ceil().long(), min=1), kept)
-    num_merged = int(kept.sum())
+    budget = _budget(tuple(counts.tolist()), ratio, float(destination_share), str(device))
+    if prior is not None:
+        slots = _slot_table(pos, cube_of, budget.starts, int(counts.max()), grid, cube)
+    num_merged, d_max = budget.num_merged, budget.d_max
     nc, v = slots.shape[1], slots.shape[2]
-    d_max = int(n_dst.max())
-    counts_d, removed_d, n_dst_d = (t.to(device) for t in (counts, removed, n_dst))
-    kept_starts = (torch.cumsum(kept, 0) - kept).to(device)
 
-    # Similarities of every slot to its cube's destination slots: (B, nc, V, Dmax).
-    unit = F.normalize(metric, dim=-1)
-    unit = torch.cat([unit, unit.new_zeros(b, 1, unit.shape[-1])], 1)  # row L: padding
-    rows = (slots + torch.arange(b, device=device)[:, None, None] * (length + 1)).reshape(-1)
-    cubes = unit.reshape(b * (length + 1), -1).index_select(0, rows).view(b, nc, v, -1)
+    # Padding slots read token 0: they are never sources nor destinations, masks drop them.
+    # Raw dot products divided by the norms afterwards: no normalised copy of the metric.
+    rows = torch.where(slots < length, slots, 0) + torch.arange(b, device=device)[:, None, None] * length
+    cubes = metric.reshape(b * length, -1).index_select(0, rows.reshape(-1)).view(b, nc, v, -1)
+    if device.type == "cpu" and cubes.dtype in (torch.float16, torch.bfloat16):
+        cubes = cubes.float()  # CPU half matmuls are slow; GPUs accumulate in float32 anyway
     scores = torch.matmul(cubes, cubes[:, :, :d_max].transpose(-1, -2)).float()
+    inv_norm = 1.0 / torch.linalg.vector_norm(cubes.float(), dim=-1).clamp_min(1e-12)  # (B, nc, V)
+    scores = scores * inv_norm[..., None] * inv_norm[:, :, None, :d_max]
     slot = torch.arange(v, device=device)
-    scores.masked_fill_((torch.arange(d_max, device=device) >= n_dst_d[:, None])[None, :, None], -math.inf)
+    scores.masked_fill_(budget.bad_column, -math.inf)
     best, best_dst = scores.max(-1)  # (B, nc, V)
-    is_src = (slot >= n_dst_d[:, None]) & (slot < counts_d[:, None])
-    best = best.masked_fill(~is_src, -math.inf)
+    best = best.masked_fill(~budget.is_source, -math.inf)
 
     # The r most similar sources of each cube merge; D <= k leaves at least r sources.
     ranked = torch.argsort(best, dim=-1, descending=True)
-    take = (slot < removed_d[:, None]).expand(b, nc, v)
-    merged = torch.zeros_like(take).scatter_(-1, ranked, take)
+    merged = torch.zeros(b, nc, v, dtype=torch.bool, device=device)
+    merged.scatter_(-1, ranked, budget.takes.expand(b, nc, v))
 
     # Output order: cube by cube, then raster index of the representative.
     slot_pos = torch.cat([pos, pos.new_full((pos.shape[0], 1), n_grid)], 1).gather(1, slots.view(pos.shape[0], -1))
     slot_pos = slot_pos.view(-1, nc, v).expand(b, nc, v)
-    keep = ~merged & (slot < counts_d[:, None])
+    keep = ~merged & budget.real
     by_pos = torch.argsort(torch.where(keep, slot_pos, n_grid + 1), dim=-1)
     rank = torch.empty_like(by_pos).scatter_(-1, by_pos, slot.expand(b, nc, v))
-    out_of_slot = kept_starts[:, None] + rank  # valid where keep
+    out_of_slot = budget.kept_starts + rank  # valid where keep
     out_idx = out_of_slot.gather(-1, torch.where(merged, best_dst, slot))
 
     dst_index = torch.zeros(b, length + 1, dtype=torch.int64, device=device)
@@ -353,6 +392,7 @@ def plan_merge(
     return MergePlan(
         grid=grid, cube=cube, ratio=ratio, num_tokens=length, num_merged=num_merged,
         dst_index=dst_index, token_weight=weight / sizes.gather(1, dst_index),
-        sizes=sizes, positions=positions, block_sizes=kept.to(device, torch.int32),
+        sizes=sizes, positions=positions, block_sizes=budget.block_sizes,
+        block_sizes_host=budget.kept_host,
         is_identity=False, cube_ordered=True,
     )
