@@ -75,7 +75,7 @@ class CubeTiling:
 def _check_triple(name, value):
     try:
         t = tuple(int(x) for x in value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{name} must be three positive integers, got {value!r}") from None
     if len(t) != 3 or any(x <= 0 for x in t):
         raise ValueError(f"{name} must be three positive integers, got {value!r}")

@@ -179,7 +179,7 @@ def vsa_attention(q, k, v, grid, keep, cube=(4, 4, 4), gate=None, scale=None, *,
     _check_qkv(q, k, v)
     try:
         g = tuple(int(x) for x in grid)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"grid must be (T, H, W), got {grid!r}") from None
     if len(g) != 3 or any(x <= 0 for x in g):
         raise ValueError(f"grid must be three positive integers (T, H, W), got {grid!r}")

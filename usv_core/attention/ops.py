@@ -28,6 +28,17 @@ _FWD_CONFIG = {"num_warps": 4, "num_stages": 3}
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 2}
 
 
+# Tests set this: kernel outputs then start as NaN (floats) or -7 (ints) instead of uninitialised
+# memory, so any element a kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device):
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
+
+
 def set_kernel_config(fwd=None, bwd=None):
     """Override launch parameters (num_warps, num_stages); used by the benchmark's sweep."""
     if fwd:
@@ -83,9 +94,9 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
     B, H, _, D = q.shape
     C = sizes.numel()
     dev = q.device
-    qc = torch.empty((B, H, C, D), dtype=torch.float32, device=dev)
-    kc = torch.empty_like(qc)
-    vc = torch.empty_like(qc) if with_coarse else qc
+    qc = _new((B, H, C, D), torch.float32, dev)
+    kc = _new((B, H, C, D), torch.float32, dev)
+    vc = _new((B, H, C, D), torch.float32, dev) if with_coarse else qc
     tab = table if use_table else _empty(dev)
     pool_mod.pool_kernel[(C, B * H)](
         q, k, v, qc, kc, vc, tab, sizes,
@@ -96,10 +107,10 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
         HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, WITH_V=with_coarse,
         num_warps=4,
     )
-    idx = torch.empty((B, H, C, kmax), dtype=torch.int32, device=dev)
-    cnt = torch.empty((B, H, C), dtype=torch.int32, device=dev)
-    coarse = torch.empty((B, H, C, D) if with_coarse else (0,), dtype=torch.float32, device=dev)
-    ent = torch.empty((B, H, C) if with_stats else (0,), dtype=torch.float32, device=dev)
+    idx = _new((B, H, C, kmax), torch.int32, dev)
+    cnt = _new((B, H, C), torch.int32, dev)
+    coarse = _new((B, H, C, D) if with_coarse else (0,), torch.float32, dev)
+    ent = _new((B, H, C) if with_stats else (0,), torch.float32, dev)
     cpad = max(_KCH, triton_next_pow2(C))
     if cpad > MAX_SELECT_BLOCKS:
         # wide rows: torch does what the kernel would (same tie rule), from the pooled tensors
@@ -137,8 +148,8 @@ def _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
     _, _, fwd_mod, _ = _kernels()
     B, H, N, D = q.shape
     nqb = sizes.numel()
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    o = _new(q.shape, q.dtype, q.device)
+    lse = _new((B, H, N), torch.float32, q.device)
     tab = table if use_table else _empty(q.device)
     fwd_mod.bsa_fwd_kernel[(nqb, B * H)](
         q, k, v, o, lse, idx, cnt, tab, sizes,
@@ -170,10 +181,10 @@ def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, sca
     nb = sizes.numel()
     do = do.contiguous()
     o = o.contiguous()
-    dq = torch.empty_like(o)
-    dk = torch.empty_like(o)
-    dv = torch.empty_like(o)
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    dq = _new(q.shape, q.dtype, q.device)
+    dk = _new(q.shape, q.dtype, q.device)
+    dv = _new(q.shape, q.dtype, q.device)
+    delta = _new((B, H, N), torch.float32, q.device)
     tab = table if use_table else _empty(q.device)
     common = dict(HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, DOT_F32=_interpreting(), **_BWD_CONFIG)
     strides = (
