@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -101,6 +101,8 @@ class _Budget(NamedTuple):
 
     num_merged: int
     d_max: int
+    k_max: int
+    compact: torch.Tensor  # (M,) row of each merged token in the padded (nc * k_max) cube output
     kept_host: torch.Tensor  # (nc,) CPU int64, merged tokens per cube
     block_sizes: torch.Tensor  # (nc,) int32 on the device
     kept_starts: torch.Tensor  # (nc, 1) first output index of each cube
@@ -119,10 +121,13 @@ def _budget(counts: Tuple[int, ...], ratio: float, destination_share: float, dev
     kept = counts - removed
     n_dst = torch.minimum(torch.clamp((counts.double() * destination_share).ceil().long(), min=1), kept)
     slot = torch.arange(int(counts.max()))
-    d_max = int(n_dst.max())
+    d_max, k_max = int(n_dst.max()), int(kept.max())
+    compact = (torch.arange(k_max) < kept[:, None]).flatten().nonzero().flatten()
     return _Budget(
         num_merged=int(kept.sum()),
         d_max=d_max,
+        k_max=k_max,
+        compact=compact.to(device),
         kept_host=kept,
         block_sizes=kept.to(device, torch.int32),
         kept_starts=(torch.cumsum(kept, 0) - kept)[:, None].to(device),
@@ -169,7 +174,6 @@ class MergePlan:
     """How L input tokens (raster order, or the output of a prior plan) merge into M tokens.
 
     dst_index: (B, L) int64, the merged token each input token goes to.
-    token_weight: (B, L) float32, input size / group size: merge is a weighted scatter-sum.
     sizes: (B, M) float32, original tokens each merged token stands for (sums to T*H*W).
     positions: (B, M) int64, raster index of each merged token's representative; within a cube
         increasing, cubes in raster order of cubes. Gather RoPE frequencies with it (`gather`).
@@ -185,13 +189,19 @@ class MergePlan:
     num_tokens: int
     num_merged: int
     dst_index: torch.Tensor
-    token_weight: torch.Tensor
     sizes: torch.Tensor
     positions: torch.Tensor
     block_sizes: torch.Tensor
     block_sizes_host: torch.Tensor
     is_identity: bool
     cube_ordered: bool
+    # Merge runs as one small matmul per cube (no atomics): gather x into (B, nc, V, C) cube
+    # slots, multiply by (B, nc, k_max, V) member weights (the input sizes, exact integers), keep
+    # the real output rows, divide by the group sizes.
+    cube_slots: Optional[torch.Tensor] = field(default=None, repr=False)  # (Bp, nc, V) input index
+    cube_weights: Optional[torch.Tensor] = field(default=None, repr=False)  # (B, nc, k_max, V) f32
+    compact: Optional[torch.Tensor] = field(default=None, repr=False)  # (M,)
+    _weights_by_dtype: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch(self) -> int:
@@ -216,11 +226,20 @@ class MergePlan:
         if self.is_identity:
             return x
         b, n, c = x.shape
-        weight = self.token_weight.expand(b, -1).reshape(-1, 1)
-        src = x.reshape(b * n, c).float() * weight
-        out = torch.zeros(b * self.num_merged, c, dtype=torch.float32, device=x.device)
-        out.index_add_(0, self._flat_index(b), src)
-        return out.view(b, self.num_merged, c).to(x.dtype)
+        if self.batch != b and self.batch != 1:
+            raise ValueError(f"x has batch {b}, the plan was built for batch {self.batch}")
+        bp, nc, v = self.cube_slots.shape
+        dtype = x.dtype
+        if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # CPU half matmuls are slow
+        weights = self._weights_by_dtype.get(dtype)
+        if weights is None:
+            weights = self._weights_by_dtype.setdefault(dtype, self.cube_weights.to(dtype))
+        rows = self.cube_slots.expand(b, nc, v) + torch.arange(b, device=x.device)[:, None, None] * n
+        cubes = x.reshape(b * n, c).index_select(0, rows.reshape(-1)).view(b, nc, v, c)
+        sums = torch.matmul(weights, cubes.to(dtype))  # (b, nc, k_max, c)
+        sums = sums.view(b, -1, c).index_select(1, self.compact)
+        return (sums / self.sizes[..., None]).to(x.dtype)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, M, C) -> (B, L, C): every input token gets the value of its merged token. An
@@ -276,7 +295,6 @@ def _identity_plan(grid, cube, pos, weight, counts, cube_ordered, device) -> Mer
     return MergePlan(
         grid=grid, cube=cube, ratio=0.0, num_tokens=n, num_merged=n,
         dst_index=torch.arange(n, device=device).expand(b, n),
-        token_weight=torch.ones(b, n, device=device),
         sizes=weight, positions=pos.expand(b, n), block_sizes=counts.to(device, torch.int32),
         block_sizes_host=counts,
         is_identity=True, cube_ordered=cube_ordered,
@@ -380,7 +398,8 @@ def plan_merge(
     by_pos = torch.argsort(torch.where(keep, slot_pos, n_grid + 1), dim=-1)
     rank = torch.empty_like(by_pos).scatter_(-1, by_pos, slot.expand(b, nc, v))
     out_of_slot = budget.kept_starts + rank  # valid where keep
-    out_idx = out_of_slot.gather(-1, torch.where(merged, best_dst, slot))
+    out_local = rank.gather(-1, torch.where(merged, best_dst, slot))  # group's row in its cube
+    out_idx = budget.kept_starts + out_local
 
     dst_index = torch.zeros(b, length + 1, dtype=torch.int64, device=device)
     dst_index.scatter_(1, slots.reshape(slots.shape[0], -1).expand(b, -1), out_idx.reshape(b, -1))
@@ -389,10 +408,16 @@ def plan_merge(
     positions.scatter_(1, torch.where(keep, out_of_slot, num_merged).reshape(b, -1), slot_pos.reshape(b, -1))
     positions = positions[:, :num_merged].contiguous()
     sizes = torch.zeros(b, num_merged, device=device).scatter_add_(1, dst_index, weight)
+
+    # Member weights per cube; padding slots weigh 0 and read their cube's first token, so that
+    # a non-finite value cannot leak into other cubes.
+    slot_weight = torch.cat([weight, weight.new_zeros(b, 1)], 1).gather(1, slots.reshape(slots.shape[0], -1).expand(b, -1))
+    cube_weights = torch.zeros(b, nc, budget.k_max, v, device=device)
+    cube_weights.scatter_(2, out_local.clamp_max(budget.k_max - 1)[:, :, None, :], slot_weight.view(b, nc, 1, v))
+    cube_slots = torch.where(slots < length, slots, slots[..., :1])
     return MergePlan(
         grid=grid, cube=cube, ratio=ratio, num_tokens=length, num_merged=num_merged,
-        dst_index=dst_index, token_weight=weight / sizes.gather(1, dst_index),
-        sizes=sizes, positions=positions, block_sizes=budget.block_sizes,
-        block_sizes_host=budget.kept_host,
-        is_identity=False, cube_ordered=True,
+        dst_index=dst_index, sizes=sizes, positions=positions, block_sizes=budget.block_sizes,
+        block_sizes_host=budget.kept_host, is_identity=False, cube_ordered=True,
+        cube_slots=cube_slots, cube_weights=cube_weights, compact=budget.compact,
     )
