@@ -116,10 +116,10 @@ def test_group_means_and_copy_back_exact():
     torch.manual_seed(1)
     grid = (5, 7, 9)
     n = math.prod(grid)
-    metric, x = torch.randn(2, n, 8), torch.randn(2, n, 5, dtype=torch.float64)
+    metric, x = torch.randn(2, n, 8), torch.randn(2, n, 5)
     plan = plan_merge(metric, grid, 0.5)
     y = plan.merge(x)
-    assert y.shape == (2, plan.num_merged, 5) and y.dtype == torch.float64
+    assert y.shape == (2, plan.num_merged, 5) and y.dtype == torch.float32
     for b in range(2):
         for m in range(plan.num_merged):
             members = (plan.dst_index[b] == m).nonzero().flatten()
@@ -214,10 +214,10 @@ def test_composition_gives_means_over_original_tokens():
     torch.manual_seed(5)
     grid = (5, 7, 9)
     n = math.prod(grid)
-    x = torch.randn(2, n, 6, dtype=torch.float64)
+    x = torch.randn(2, n, 6)
     first = plan_merge(torch.randn(2, n, 8), grid, 0.5)
     y = first.merge(x)
-    second = plan_merge(y.float(), grid, 0.4, prior=first)
+    second = plan_merge(y, grid, 0.4, prior=first)
     assert second.num_tokens == first.num_merged
     assert second.num_merged == first.num_merged - round(0.4 * first.num_merged)
     check_structure(second, grid, (4, 4, 4), input_pos=first.positions)

@@ -196,8 +196,8 @@ class MergePlan:
     is_identity: bool
     cube_ordered: bool
     # Merge runs as one small matmul per cube (no atomics): gather x into (B, nc, V, C) cube
-    # slots, multiply by (B, nc, k_max, V) member weights (the input sizes, exact integers), keep
-    # the real output rows, divide by the group sizes.
+    # slots, multiply by (B, nc, k_max, V) member weights (input size / group size, cast to x's
+    # dtype: in bf16 a weight is off by at most 2^-9 relative), keep the real output rows.
     cube_slots: Optional[torch.Tensor] = field(default=None, repr=False)  # (Bp, nc, V) input index
     cube_weights: Optional[torch.Tensor] = field(default=None, repr=False)  # (B, nc, k_max, V) f32
     compact: Optional[torch.Tensor] = field(default=None, repr=False)  # (M,)
@@ -237,9 +237,8 @@ class MergePlan:
             weights = self._weights_by_dtype.setdefault(dtype, self.cube_weights.to(dtype))
         rows = self.cube_slots.expand(b, nc, v) + torch.arange(b, device=x.device)[:, None, None] * n
         cubes = x.reshape(b * n, c).index_select(0, rows.reshape(-1)).view(b, nc, v, c)
-        sums = torch.matmul(weights, cubes.to(dtype))  # (b, nc, k_max, c)
-        sums = sums.view(b, -1, c).index_select(1, self.compact)
-        return (sums / self.sizes[..., None]).to(x.dtype)
+        means = torch.matmul(weights, cubes.to(dtype))  # (b, nc, k_max, c)
+        return means.view(b, -1, c).index_select(1, self.compact).to(x.dtype)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, M, C) -> (B, L, C): every input token gets the value of its merged token. An
@@ -379,7 +378,8 @@ def plan_merge(
     if device.type == "cpu" and cubes.dtype in (torch.float16, torch.bfloat16):
         cubes = cubes.float()  # CPU half matmuls are slow; GPUs accumulate in float32 anyway
     scores = torch.matmul(cubes, cubes[:, :, :d_max].transpose(-1, -2)).float()
-    inv_norm = 1.0 / torch.linalg.vector_norm(cubes.float(), dim=-1).clamp_min(1e-12)  # (B, nc, V)
+    norm = torch.linalg.vector_norm(metric, dim=-1, dtype=torch.float32).reshape(-1)
+    inv_norm = 1.0 / norm.index_select(0, rows.reshape(-1)).view(b, nc, v).clamp_min(1e-12)
     scores = scores * inv_norm[..., None] * inv_norm[:, :, None, :d_max]
     slot = torch.arange(v, device=device)
     scores.masked_fill_(budget.bad_column, -math.inf)
@@ -411,7 +411,9 @@ def plan_merge(
 
     # Member weights per cube; padding slots weigh 0 and read their cube's first token, so that
     # a non-finite value cannot leak into other cubes.
-    slot_weight = torch.cat([weight, weight.new_zeros(b, 1)], 1).gather(1, slots.reshape(slots.shape[0], -1).expand(b, -1))
+    token_weight = weight / sizes.gather(1, dst_index)
+    slot_weight = torch.cat([token_weight, weight.new_zeros(b, 1)], 1)
+    slot_weight = slot_weight.gather(1, slots.reshape(slots.shape[0], -1).expand(b, -1))
     cube_weights = torch.zeros(b, nc, budget.k_max, v, device=device)
     cube_weights.scatter_(2, out_local.clamp_max(budget.k_max - 1)[:, :, None, :], slot_weight.view(b, nc, 1, v))
     cube_slots = torch.where(slots < length, slots, slots[..., :1])
