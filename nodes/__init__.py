@@ -8,11 +8,13 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from .dmd import USVDMDSampler, USVDMDSigmas
     from .model_info import USVModelInfo
     from .sparse_attention import USVSparseAttention
+    from .token_merge import USVTokenMerge
     from .world import USVWorldPrompt
 
     return [
         USVModelInfo,
         USVSparseAttention,
+        USVTokenMerge,
         USVDMDSigmas,
         USVDMDSampler,
         USVWorldPrompt,

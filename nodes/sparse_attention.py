@@ -36,17 +36,18 @@ def parse_blocks(text: str, layers: int, name: str = "dense_blocks") -> frozense
     return frozenset(out)
 
 
-def kernel_support(call: AttentionCall) -> str | None:
-    """Why the sparse path cannot serve this call, or None when it can."""
+def kernel_support(call: AttentionCall, cube) -> str | None:
+    """Why the sparse path cannot serve this call, or None when it can. Off the GPU the exact
+    PyTorch path serves any head dim and float dtype; on the GPU only the Triton kernels do."""
     if call.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head dim {call.head_dim} (sparse kernels have {SUPPORTED_HEAD_DIMS})"
     if call.q.dtype not in _DTYPES:
-        return f"dtype {call.q.dtype} (sparse kernels take float16, bfloat16, float32)"
+        return f"dtype {call.q.dtype} (sparse attention takes float16, bfloat16, float32)"
     if call.q.is_cuda:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "Triton is not installed, and the exact PyTorch path is too slow on a GPU"
+        from ..usv_core.attention import supports
+
+        ok, why = supports(call.q, cube)
+        return None if ok else why
     return None
 
 
@@ -69,7 +70,7 @@ class SparseAttention:
         if self.keep >= 1.0:
             run.count(ctx.step, ctx.block, "dense:keep")
             return None
-        reason = kernel_support(call)
+        reason = kernel_support(call, self.cube)
         if reason is not None:
             ctx.patch.warn_once("support:" + reason, f"sparse attention cannot serve {reason}; running it dense")
             run.count(ctx.step, ctx.block, "dense:unsupported")
@@ -77,10 +78,12 @@ class SparseAttention:
         from ..usv_core.attention import vsa_attention, vsa_attention_blocked
 
         if ctx.block_sizes is not None:
-            out = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, self.keep)
+            out, entropy = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, self.keep, return_stats=True)
         else:
-            out = vsa_attention(call.q, call.k, call.v, ctx.grid, self.keep, cube=self.cube)
+            out, entropy = vsa_attention(call.q, call.k, call.v, ctx.grid, self.keep, cube=self.cube, return_stats=True)
         run.count(ctx.step, ctx.block, "sparse")
+        run.entropy[(ctx.step, ctx.block)] = entropy
+        run.keep[(ctx.step, ctx.block)] = self.keep
         return call.output(out)
 
 

@@ -37,6 +37,7 @@ class CallContext:
     """What one diffusion-model call needs to know about its tokens."""
 
     patch: "USVPatch"
+    model: torch.nn.Module  # the diffusion model running this call
     grid: tuple[int, int, int]
     prefix: int  # tokens before the grid (reference latents)
     step: int
@@ -57,7 +58,8 @@ class RunStats:
 
     calls: Counter = field(default_factory=Counter)
     steps: int = 0
-    entropy: dict = field(default_factory=dict)  # (step, block) -> per-head normalised entropy
+    entropy: dict = field(default_factory=dict)  # (step, block) -> (B, heads) normalised coarse entropy
+    keep: dict = field(default_factory=dict)  # (step, block) -> keep ratio (float or per-head tensor)
     merged: dict = field(default_factory=dict)  # (step, block) -> tokens after merging / before
 
     def count(self, step: int, block: int, path: str) -> None:
@@ -170,7 +172,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         patch.warn_once("layout", f"{patch.adapter.name}: could not work out the token grid of this call; running it dense")
         return executor(*args, **kwargs)
     grid, prefix = layout
-    ctx = CallContext(patch=patch, grid=grid, prefix=prefix, step=step_index(opts, patch))
+    ctx = CallContext(patch=patch, model=executor.class_obj, grid=grid, prefix=prefix, step=step_index(opts, patch))
     if ctx.step + 1 > patch.run.steps:
         patch.run.steps = ctx.step + 1
 

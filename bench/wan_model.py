@@ -1,0 +1,171 @@
+"""Seconds per denoising step of a Wan 2.1 model built through ComfyUI (random weights), dense
+and with USV nodes, in one run. Writes bench/results/wan_model_<card>.json.
+
+python3 bench/wan_model.py                      # Wan2.1-1.3B architecture at 480p x 81 frames
+python3 bench/wan_model.py --size tiny --cpu    # a seconds-long smoke run of the script itself
+
+Runs the real sampling path (CFGGuider, euler, cfg 1: one forward per step) so that every
+wrapper, override and block hook USV installs is on the clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SIZES = {
+    # name: (dim, ffn, layers, latent (C, T, H, W))
+    "1.3B-480p": (1536, 8960, 30, (16, 21, 60, 104)),
+    "tiny": (256, 512, 2, (16, 3, 16, 16)),
+}
+
+
+def _av_stand_in() -> None:
+    """ComfyUI's API module imports PyAV for video I/O, which this benchmark never does; the GPU
+    machine may lack the 35 MB wheel."""
+    try:
+        import av  # noqa: F401
+        return
+    except ImportError:
+        pass
+
+    class _Any:
+        def __init__(self, *a, **k):
+            pass
+
+    def module(name):
+        m = types.ModuleType(name)
+        m.__getattr__ = lambda attr: _Any if not attr.startswith("__") else (_ for _ in ()).throw(AttributeError(attr))
+        m.__path__ = []
+        sys.modules[name] = m
+        return m
+
+    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream", "av.video", "av.video.frame",
+                 "av.audio", "av.audio.frame"):
+        module(name)
+
+
+def build_model(size: str, device, dtype):
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    dim, ffn, layers, _ = SIZES[size]
+    unet_config = {"image_model": "wan2.1", "model_type": "t2v", "dim": dim, "ffn_dim": ffn, "num_heads": dim // 128,
+                   "num_layers": layers, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
+                   "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "out_dim": 16}
+    config = comfy.supported_models.WAN21_T2V(unet_config)
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) / p[0].numel() ** 0.5)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
+    model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def time_steps(patcher, latent, cond, steps: int, repeats: int, device) -> list[float]:
+    import torch
+    import comfy.sample
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds([[cond, {}]], [])
+    guider.set_cfg(1.0)
+    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", steps).to(device)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    out = []
+    for _ in range(repeats + 1):  # the first run compiles kernels and loads the model
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = guider.sample(noise, latent, sampler, sigmas, seed=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) / steps)
+        if not torch.isfinite(res).all():
+            raise RuntimeError("non-finite output")
+    return out[1:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=list(SIZES), default="1.3B-480p")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--variants", default="dense,keep0.125,keep0.05",
+                   help="comma-separated: dense, keep<r>, merge<r>, keep<r>+merge<r>")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = p.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    _av_stand_in()
+    from harness import runtime
+
+    logging.disable(logging.WARNING)
+    nodes = runtime.boot()
+    logging.disable(logging.NOTSET)
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+    base = build_model(args.size, device, dtype)
+    C, T, H, W = SIZES[args.size][3]
+    latent = torch.zeros(1, C, T, H, W, device=device)
+    cond = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    attn = nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
+    merge = nodes.NODE_CLASS_MAPPINGS.get("USVTokenMerge")
+
+    results = []
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        patcher = base
+        for part in variant.split("+"):
+            if part.startswith("keep"):
+                patcher = attn.execute(patcher, float(part[4:]), 0, "", "4x4x4").result[0]
+            elif part.startswith("merge"):
+                if merge is None:
+                    raise SystemExit("USVTokenMerge is not in this checkout")
+                patcher = merge.execute(patcher, float(part[5:]), 0, "", "keys").result[0]
+            elif part != "dense":
+                raise SystemExit(f"unknown variant part {part!r}")
+        times = time_steps(patcher, latent, cond, args.steps, args.repeats, device)
+        row = {"variant": variant, "seconds_per_step": statistics.median(times), "all": times}
+        results.append(row)
+        print(f"{args.size:>10} {variant:>22}: {row['seconds_per_step'] * 1000:9.1f} ms/step", flush=True)
+    dense = next((r["seconds_per_step"] for r in results if r["variant"] == "dense"), None)
+    if dense:
+        for r in results:
+            r["vs_dense"] = r["seconds_per_step"] / dense
+    report = {"benchmark": "wan_model", "card": card, "size": args.size, "tokens": T * (H // 2) * (W // 2),
+              "dtype": str(dtype), "steps": args.steps, "torch": torch.__version__, "results": results,
+              "date": time.strftime("%Y-%m-%d")}
+    os.makedirs(args.out, exist_ok=True)
+    name = f"wan_model_{args.size}_{card.replace(' ', '_')}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(report, f, indent=2)
+    print("wrote", os.path.join(args.out, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
