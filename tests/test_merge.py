@@ -321,3 +321,22 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     with pytest.raises(ValueError, match="x"):
         plan.merge(torch.randn(1, 23, 4))
     assert isinstance(plan, MergePlan)
+
+
+def test_unmerge_update_keeps_each_tokens_residual_and_trailing_dims():
+    torch.manual_seed(9)
+    grid = (3, 5, 6)
+    n = math.prod(grid)
+    plan = plan_merge(torch.randn(2, n, 8), grid, 0.5)
+    x = torch.randn(2, n, 8)
+    xm = plan.merge(x)
+    block = lambda t: t + torch.tanh(t)  # a residual block: t + f(t)
+    out = plan.unmerge_update(x, xm, block(xm))
+    torch.testing.assert_close(out, x + plan.unmerge(torch.tanh(xm)))
+    # ratio 0: exactly the block applied to x
+    ident = plan_merge(torch.randn(2, n, 8), grid, 0.0)
+    torch.testing.assert_close(ident.unmerge_update(x, ident.merge(x), block(ident.merge(x))), block(x))
+    # trailing feature dims, e.g. per-token modulation (B, N, 6, C)
+    e = torch.randn(2, n, 6, 4)
+    torch.testing.assert_close(plan.merge(e).reshape(2, plan.num_merged, 24), plan.merge(e.reshape(2, n, 24)))
+    assert plan.unmerge(plan.merge(e)).shape == e.shape

@@ -216,16 +216,19 @@ class MergePlan:
         return (idx + offsets).reshape(-1)
 
     def _check_tokens(self, name, x, expected):
-        if x.dim() != 3 or x.shape[1] != expected:
-            raise ValueError(f"{name} must be (B, {expected}, C), got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[1] != expected:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be (B, {expected}, C, ...), got {shape}")
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) -> (B, M, C): size-weighted mean of each group, in x's dtype (accumulated in
-        float32). An identity plan returns x itself."""
+        """(B, L, C, ...) -> (B, M, C, ...): size-weighted mean of each group, in x's dtype
+        (accumulated in float32). Trailing dims are features (e.g. Wan 2.2's per-token
+        modulation (B, L, 6, C)). An identity plan returns x itself."""
         self._check_tokens("x", x, self.num_tokens)
         if self.is_identity:
             return x
-        b, n, c = x.shape
+        b, n = x.shape[:2]
+        c = math.prod(x.shape[2:])
         if self.batch != b and self.batch != 1:
             raise ValueError(f"x has batch {b}, the plan was built for batch {self.batch}")
         bp, nc, v = self.cube_slots.shape
@@ -238,16 +241,28 @@ class MergePlan:
         rows = self.cube_slots.expand(b, nc, v) + torch.arange(b, device=x.device)[:, None, None] * n
         cubes = x.reshape(b * n, c).index_select(0, rows.reshape(-1)).view(b, nc, v, c)
         means = torch.matmul(weights, cubes.to(dtype))  # (b, nc, k_max, c)
-        return means.view(b, -1, c).index_select(1, self.compact).to(x.dtype)
+        out = means.view(b, -1, c).index_select(1, self.compact).to(x.dtype)
+        return out.view(b, self.num_merged, *x.shape[2:])
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, M, C) -> (B, L, C): every input token gets the value of its merged token. An
-        identity plan returns y itself."""
+        """(B, M, C, ...) -> (B, L, C, ...): every input token gets the value of its merged
+        token. An identity plan returns y itself."""
         self._check_tokens("y", y, self.num_merged)
         if self.is_identity:
             return y
-        b, m, c = y.shape
-        return y.reshape(b * m, c).index_select(0, self._flat_index(b)).view(b, self.num_tokens, c)
+        b, m = y.shape[:2]
+        flat = y.reshape(b * m, -1).index_select(0, self._flat_index(b))
+        return flat.view(b, self.num_tokens, *y.shape[2:])
+
+    def unmerge_update(self, x: torch.Tensor, merged_in: torch.Tensor, merged_out: torch.Tensor) -> torch.Tensor:
+        """x + unmerge(merged_out - merged_in): what a residual block wrapped with merging should
+        return. merged_in = merge(x) went into the block, merged_out came out; every token keeps
+        its own residual and only the block's update is shared by the group (returning
+        unmerge(merged_out) would flatten each group to one value)."""
+        self._check_tokens("x", x, self.num_tokens)
+        if self.is_identity:
+            return x + (merged_out - merged_in)
+        return x + self.unmerge(merged_out - merged_in)
 
     def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Pick, along `dim`, the entries of a tensor indexed by original raster position (e.g.
