@@ -340,3 +340,18 @@ def test_unmerge_update_keeps_each_tokens_residual_and_trailing_dims():
     e = torch.randn(2, n, 6, 4)
     torch.testing.assert_close(plan.merge(e).reshape(2, plan.num_merged, 24), plan.merge(e.reshape(2, n, 24)))
     assert plan.unmerge(plan.merge(e)).shape == e.shape
+
+
+def test_merged_sequence_runs_through_blocked_vsa():
+    # block_sizes is what VSA needs to attend over the merged sequence directly
+    from usv_core.attention import vsa_attention_blocked
+
+    torch.manual_seed(10)
+    grid = (5, 7, 9)
+    n = math.prod(grid)
+    plan = plan_merge(torch.randn(1, n, 16), grid, 0.5)
+    q, k, v = (plan.merge(torch.randn(1, n, 2 * 16)).view(1, plan.num_merged, 2, 16).transpose(1, 2)
+               for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(vsa_attention_blocked(q, k, v, plan.block_sizes, 1.0), dense, atol=1e-5, rtol=1e-4)
+    assert vsa_attention_blocked(q, k, v, plan.block_sizes, 0.25).shape == dense.shape
