@@ -104,6 +104,15 @@ def boot(base_dir: str | None = None, load_pack: bool = True):
     return nodes
 
 
+def pack_module(name: str = ""):
+    """A module of the pack as ComfyUI loaded it, e.g. pack_module("nodes.gate_weights")."""
+    import importlib
+
+    boot()
+    root = PACK_DIR.replace(".", "_x_")  # how ComfyUI names a custom node package
+    return importlib.import_module(root + ("." + name if name else ""))
+
+
 def base_dir() -> str:
     boot()
     return _state["base_dir"]

@@ -7,11 +7,20 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from .adapters import SUPPORTED_HEAD_DIMS, adapter_for
+from .adapters import SUPPORTED_HEAD_DIMS, WanAdapter, adapter_for
 from .usv_patch import AttentionCall, CallContext, patched_clone
 
 CUBES = {"4x4x4": (4, 4, 4), "1x8x8": (1, 8, 8), "2x4x8": (2, 4, 8)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _checkpoint_files() -> list[str]:
+    try:
+        import folder_paths
+
+        return [f for f in folder_paths.get_filename_list("diffusion_models") if f.endswith((".safetensors", ".sft"))]
+    except Exception:  # the list is a convenience; the node still works without it
+        return []
 
 
 def parse_blocks(text: str, layers: int, name: str = "dense_blocks") -> frozenset[int]:
@@ -57,6 +66,19 @@ class SparseAttention:
     dense_steps: int
     dense_blocks: frozenset
     cube: tuple[int, int, int]
+    gates: object = None  # GateWeights of a VSA-trained checkpoint, or None
+
+    def block_gate(self, ctx: CallContext, args: dict):
+        """Compute this block's gate from its input, before the block runs (Wan)."""
+        ctx.gate = None
+        if (self.gates is None or ctx.block < 0 or self.keep >= 1.0 or ctx.step < self.dense_steps
+                or ctx.block in self.dense_blocks):
+            return
+        from .gate_weights import gate_for_block
+
+        block = ctx.model.blocks[ctx.block]
+        with torch.no_grad():
+            ctx.gate = gate_for_block(self.gates, ctx.block, block, args["img"], args["vec"], block.self_attn.num_heads)
 
     def attend(self, ctx: CallContext, call: AttentionCall):
         """The attention output, or None to run this call dense (the counters say why)."""
@@ -77,10 +99,13 @@ class SparseAttention:
             return None
         from ..usv_core.attention import vsa_attention, vsa_attention_blocked
 
+        gate = ctx.gate if ctx.gate is not None and ctx.gate.shape == call.q.shape else None
         if ctx.block_sizes is not None:
-            out, entropy = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, self.keep, return_stats=True)
+            out, entropy = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, self.keep, gate=gate,
+                                                 return_stats=True)
         else:
-            out, entropy = vsa_attention(call.q, call.k, call.v, ctx.grid, self.keep, cube=self.cube, return_stats=True)
+            out, entropy = vsa_attention(call.q, call.k, call.v, ctx.grid, self.keep, cube=self.cube, gate=gate,
+                                         return_stats=True)
         run.count(ctx.step, ctx.block, "sparse")
         run.entropy[(ctx.step, ctx.block)] = entropy
         run.keep[(ctx.step, ctx.block)] = self.keep
@@ -108,17 +133,30 @@ class USVSparseAttention(io.ComfyNode):
                                 tooltip="Blocks that stay dense, such as '0, 1, 29' or '0-2'."),
                 io.Combo.Input("cube", options=list(CUBES), default="4x4x4",
                                tooltip="Cube of latent tokens (frames x height x width) that selection works on."),
+                io.Combo.Input("gate_weights", options=["none"] + _checkpoint_files(), default="none", optional=True,
+                               tooltip="A VSA-trained checkpoint (FastWan) whose to_gate_compress weights drive the "
+                                       "gated coarse branch. Stock ComfyUI drops them on load; USV reads them here."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, keep, dense_steps, dense_blocks, cube) -> io.NodeOutput:
+    def execute(cls, model, keep, dense_steps, dense_blocks, cube, gate_weights="none") -> io.NodeOutput:
         facts, adapter = adapter_for(model)
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
         if cube not in CUBES:
             raise ValueError(f"cube must be one of {list(CUBES)}, got {cube!r}")
+        gates = None
+        if gate_weights and gate_weights != "none":
+            if adapter is not WanAdapter:
+                raise ValueError(f"gate_weights: gated VSA checkpoints exist for Wan; this model is {facts.family}")
+            import folder_paths
+
+            from .gate_weights import load_gate_weights
+
+            path = folder_paths.get_full_path_or_raise("diffusion_models", gate_weights)
+            gates = load_gate_weights(path, facts.layers, facts.heads * facts.head_dim)
         feature = SparseAttention(keep=float(keep), dense_steps=int(dense_steps),
-                                  dense_blocks=parse_blocks(dense_blocks, facts.layers), cube=CUBES[cube])
+                                  dense_blocks=parse_blocks(dense_blocks, facts.layers), cube=CUBES[cube], gates=gates)
         return io.NodeOutput(patched_clone(model, adapter, "sparse_attention", feature))

@@ -45,6 +45,7 @@ class CallContext:
     calls_in_block: int = 0
     block_sizes: torch.Tensor | None = None  # set when tokens are merged: tokens per cube
     merged_tokens: int | None = None
+    gate: torch.Tensor | None = None  # (B, heads, N, D) gate of the running block's coarse branch
 
     @property
     def grid_tokens(self) -> int:
@@ -199,6 +200,10 @@ class BlockHook:
         self.previous = previous
 
     def _inner(self, args, extra):
+        ctx: CallContext | None = args.get("transformer_options", {}).get(CALL_KEY)
+        sparse = ctx.patch.features.get("sparse_attention") if ctx is not None else None
+        if sparse is not None:
+            sparse.block_gate(ctx, args)  # sees the block's real input, merged or not
         if self.previous is not None:
             return self.previous(args, extra)
         return extra["original_block"](args)
