@@ -44,8 +44,13 @@ class TokenMerge:
             if x.shape[1] != ctx.grid_tokens and self.ratio > 0.0:
                 ctx.patch.warn_once("merge-layout", "token merging skips calls with tokens outside the video grid")
             return inner(args, extra)
-        with torch.no_grad():
-            plan = plan_merge(self._metric(ctx, ctx.block, x), ctx.grid, self.ratio, self.cube(ctx))
+        plan = ctx.merge_plan
+        if plan is None or plan.batch != x.shape[0]:
+            # One plan per model call, from the first merging block's metric: building one costs
+            # about as much as a fifth of a block on an H100, so every block reuses it.
+            with torch.no_grad():
+                plan = plan_merge(self._metric(ctx, ctx.block, x), ctx.grid, self.ratio, self.cube(ctx))
+            ctx.merge_plan = plan
         merged = dict(args)
         xm = plan.merge(x)
         merged["img"] = xm
@@ -64,7 +69,7 @@ class TokenMerge:
         ctx.patch.run.count(ctx.step, ctx.block, "merged")
         # Each token keeps its own residual stream and receives its group's update.
         out = dict(out)
-        out["img"] = x + plan.unmerge(out["img"] - xm)
+        out["img"] = plan.unmerge_update(x, xm, out["img"])
         return out
 
 

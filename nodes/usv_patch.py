@@ -46,6 +46,7 @@ class CallContext:
     block_sizes: torch.Tensor | None = None  # set when tokens are merged: tokens per cube
     merged_tokens: int | None = None
     gate: torch.Tensor | None = None  # (B, heads, N, D) gate of the running block's coarse branch
+    merge_plan: object = None  # the token-merging plan this call's blocks share
 
     @property
     def grid_tokens(self) -> int:
