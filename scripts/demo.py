@@ -16,8 +16,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-WORLD_DIT = os.path.join(ROOT, "models", "usv_world_dit.safetensors")
-WORLD_VAE = os.path.join(ROOT, "models", "usv_world_vae.safetensors")
+WORLD_DIT = os.path.join(ROOT, "models", "diffusion_models", "usv_world_dit.safetensors")
+WORLD_VAE = os.path.join(ROOT, "models", "vae", "usv_world_vae.safetensors")
 
 
 def parse_args(argv=None):
@@ -31,15 +31,6 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=256, help="width and height in pixels")
     p.add_argument("--out", default=os.path.join("output", "usv_demo.mp4"), help="where the video goes")
     return p.parse_args(argv)
-
-
-def link_model(src: str, kind: str) -> str:
-    from harness import runtime
-
-    dest = runtime.model_path(kind, os.path.basename(src))
-    if not os.path.exists(dest):
-        os.symlink(os.path.abspath(src), dest)
-    return os.path.basename(src)
 
 
 def build_prompt(args, nodes, unet: str, vae: str, world: bool) -> dict:
@@ -87,7 +78,8 @@ def main(argv=None) -> int:
         logging.disable(logging.NOTSET)
     world = os.path.exists(WORLD_DIT) and os.path.exists(WORLD_VAE) and "USVWorldPrompt" in nodes.NODE_CLASS_MAPPINGS
     if world:
-        unet, vae, model_name = link_model(WORLD_DIT, "diffusion_models"), link_model(WORLD_VAE, "vae"), "USV World (embedded)"
+        # the pack lists its models/ folders in ComfyUI's search paths
+        unet, vae, model_name = os.path.basename(WORLD_DIT), os.path.basename(WORLD_VAE), "USV World (embedded)"
     else:
         unet, vae, model_name = tiny_models.tiny_wan_t2v(0), tiny_models.tiny_wan_vae(0), "tiny random Wan 2.1 (stand-in)"
     prompt = build_prompt(args, nodes, unet, vae, world)
