@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup_runtime.sh"
 cd "$ROOT"
-exec "${USV_VENV:-$ROOT/.venv}/bin/python" -m pytest -p no:logging "$@"
+exec "${USV_VENV:-$ROOT/.venv}/bin/python" -m pytest "$@"
