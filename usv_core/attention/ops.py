@@ -25,7 +25,7 @@ _KCH = 64
 MAX_SELECT_BLOCKS = 2048
 
 _FWD_CONFIG = {"num_warps": 4, "num_stages": 3}
-_BWD_CONFIG = {"num_warps": 4, "num_stages": 2}
+_BWD_CONFIG = {"num_warps": 8, "num_stages": 2}
 
 
 # Tests set this: kernel outputs then start as NaN (floats) or -7 (ints) instead of uninitialised

@@ -61,41 +61,41 @@ def select_kernel(
         tl.debug_barrier()
 
         # pass 2: the whole row
-        cols = tl.arange(0, CPAD)
-        cvalid = cols[None, :] < C
-        s = tl.load(scratch + r[:, None] * CPAD + cols[None, :], mask=cvalid, other=float("-inf"))
+        allc = tl.arange(0, CPAD)
+        cvalid = allc[None, :] < C
+        row = tl.load(scratch + r[:, None] * CPAD + allc[None, :], mask=cvalid, other=float("-inf"))
         # the next tile overwrites the scratch only after everyone has read it
         tl.debug_barrier()
 
         kk = tl.load(KK + bh)
-        bits = s.to(tl.int32, bitcast=True)
+        bits = row.to(tl.int32, bitcast=True)
         # order-preserving int image of a float: flip the magnitude bits of negatives
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        key = tl.where(cvalid, key, -2147483648)
-        key64 = key.to(tl.int64)
-        lo = tl.full([QM], -2147483648, tl.int64)  # count(key >= lo) >= kk always holds
+        key = tl.where(cvalid, key, -2147483647 - 1)
+        # largest t with count(key >= t) >= kk; int64 bounds keep lo + hi from overflowing
+        lo = tl.full([QM], -2147483648, tl.int64)
         hi = tl.full([QM], 2147483647, tl.int64)
         for _ in range(32):
             mid = (lo + hi + 1) >> 1
-            n_ge = tl.sum((key64 >= mid[:, None]).to(tl.int32), 1)
+            n_ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
             ok = n_ge >= kk
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-        gt = key64 > lo[:, None]
-        eq = key64 == lo[:, None]
+        thr = lo.to(tl.int32)[:, None]
+        gt = key > thr
+        eq = key == thr
         n_gt = tl.sum(gt.to(tl.int32), 1)
         eq_rank = tl.cumsum(eq.to(tl.int32), 1)
         take = gt | (eq & (eq_rank <= (kk - n_gt)[:, None]))
         pos = tl.cumsum(take.to(tl.int32), 1) - 1
         out_rows = (head + rows).to(tl.int64) * kmax
-        colmat = cols[None, :] + tl.zeros([QM, CPAD], tl.int32)
+        colmat = allc[None, :] + tl.zeros([QM, CPAD], tl.int32)
         tl.store(IDX + out_rows[:, None] + pos, colmat, mask=take & rmask[:, None])
         tl.store(CNT + head + rows, tl.sum(take.to(tl.int32), 1), mask=rmask)
 
         if WITH_STATS:
-            m = tl.max(s, 1)
-            z = s - m[:, None]
-            p = tl.where(cvalid, tl.exp(z), 0.0)
-            zsum = tl.sum(p, 1)
-            ent = tl.log(zsum) - tl.sum(tl.where(cvalid, p * z, 0.0), 1) / zsum
+            z = row - tl.max(row, 1)[:, None]
+            pz = tl.where(cvalid, tl.exp(z), 0.0)
+            zsum = tl.sum(pz, 1)
+            ent = tl.log(zsum) - tl.sum(tl.where(cvalid, pz * z, 0.0), 1) / zsum
             tl.store(ENT + head + rows, ent, mask=rmask)

@@ -1,0 +1,356 @@
+"""Video Sparse Attention against every peer, at the two shapes of ANCHORS.md, in one run.
+
+    python3 bench/attention.py [--check] [--sweep] [--shapes 1.3b,14b] [--out DIR]
+
+Per shape (bf16, B=1, head dim 128, random inputs):
+- dense SDPA, flash and cuDNN backends;
+- FlexAttention with a 128-token block mask of the same kept fraction (fine stage only);
+- comfy-kitchen sol_attn (top-k ratio, and tau 1.3), selection included, if it imports;
+- ours, vsa_attention at keep 0.25 / 0.125 / 0.05, selection included; plus the pieces
+  (selection, fine kernel) and the alternative layout: reorder raster -> padded cube order once
+  per forward, run the contiguous kernel, gather back.
+Forward and forward+backward times (median of CUDA-event timings). --check compares ours with the
+reference (rel. L2) at full size first. --sweep tries kernel launch configs on the first shape.
+Results: JSON named after the card in bench/results/ (and --out), a table on stdout.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from usv_core.attention import ops, vsa_attention  # noqa: E402
+from usv_core.attention.api import _keep_counts  # noqa: E402
+from usv_core.attention.reference import vsa_reference  # noqa: E402
+from usv_core.tiling import cube_tiling  # noqa: E402
+
+SHAPES = {
+    "1.3b": dict(name="wan2.1-1.3b-480p", heads=12, grid=(21, 30, 52)),
+    "14b": dict(name="wan2.1-14b-720p", heads=40, grid=(21, 45, 80)),
+    "tiny": dict(name="smoke", heads=1, grid=(4, 4, 8)),  # --smoke on a CPU (TRITON_INTERPRET=1)
+}
+KEEPS = (0.25, 0.125, 0.05)
+DEV = "cuda"
+
+
+def timeit(fn, budget_s=0.6, min_reps=3, max_reps=200):
+    """Median milliseconds of fn() by CUDA events, after a warm-up."""
+    if DEV != "cuda":  # smoke run: exercise the code, time nothing
+        fn()
+        return 1.0
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = time.perf_counter() - t0
+    reps = int(max(min_reps, min(max_reps, budget_s / max(est, 1e-6))))
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel_l2(a, b):
+    e = ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return e if math.isfinite(e) else float("inf")
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        fn().backward(dout)
+    return run
+
+
+def record(results, shape, name, **kw):
+    row = dict(shape=shape, impl=name, **kw)
+    results.append(row)
+    msg = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+    print(f"[{shape}] {name}: {msg}", flush=True)
+
+
+def guarded(results, shape, name, fn):
+    try:
+        fn()
+    except Exception as e:  # a peer that does not run here is recorded, not fatal
+        record(results, shape, name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc(limit=2)
+    torch.cuda.empty_cache()
+
+
+def sparse_flops(layout, idx_cnt, D):
+    """Useful FLOPs (real tokens) and tile FLOPs (BLOCK x BLOCK per kept pair) of the fine stage."""
+    idx, cnt = idx_cnt
+    sizes = layout.block_sizes.double()
+    kmax = idx.shape[-1]
+    valid = torch.arange(kmax, device=idx.device) < cnt[..., None]
+    ksz = torch.where(valid, sizes[idx.clamp(min=0).long()], 0.0).sum(-1)  # (B,H,C) real keys
+    useful = 4.0 * D * (ksz * sizes).sum().item()
+    tiles = 4.0 * D * layout.block * layout.block * cnt.double().sum().item()
+    return useful, tiles
+
+
+def bench_shape(key, args, results, checks):
+    cfg = SHAPES[key]
+    H, grid = cfg["heads"], cfg["grid"]
+    N, D, B = math.prod(grid), 128, 1
+    tag = cfg["name"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    dense_flops = 4.0 * B * H * N * N * D
+    print(f"== {tag}: B={B} heads={H} N={N} D={D} grid={grid}", flush=True)
+
+    tiling = cube_tiling(grid, device=DEV)
+    lay = tiling.layout
+    C = lay.num_blocks
+    scale = D ** -0.5
+
+    # ------------------------------------------------------------------ correctness at full size
+    if args.check:
+        hs = slice(0, min(H, 4)) if H > 12 else slice(0, H)
+        for keep in KEEPS:
+            ops.POISON_OUTPUTS = True
+            out, h = vsa_attention(q[:, hs], k[:, hs], v[:, hs], grid, keep, return_stats=True)
+            ops.POISON_OUTPUTS = False
+            counts, _ = _keep_counts(keep, B, q[:, hs].shape[1], C, DEV)
+            ref, h_ref = vsa_reference(q[:, hs], k[:, hs], v[:, hs], lay, counts, scale=scale, return_stats=True)
+            err = rel_l2(out, ref)
+            checks.append(dict(shape=tag, keep=keep, heads=hs.stop, rel_l2=err, nan=bool(torch.isnan(out).any()),
+                               entropy_max_abs_err=(h - h_ref).abs().max().item(), entropy_mean=h.mean().item()))
+            print(f"[{tag}] check keep={keep}: rel_l2={err:.2e} entropy={h.mean().item():.4f} "
+                  f"dh={(h - h_ref).abs().max().item():.1e}", flush=True)
+            del out, ref
+        torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ dense SDPA
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for bname, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def one(backend=backend, bname=bname):
+            with sdpa_kernel([backend]):
+                f = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                t_f = timeit(f)
+                qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                t_fb = timeit(fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg), qg, kg, vg, dout))
+            record(results, tag, bname, fwd_ms=t_f, bwd_ms=t_fb - t_f, fwd_tflops=dense_flops / t_f / 1e9,
+                   bwd_over_fwd=(t_fb - t_f) / t_f)
+        guarded(results, tag, bname, one)
+
+    # ------------------------------------------------------------------ ours
+    for keep in KEEPS:
+        counts, kmax = _keep_counts(keep, B, H, C, DEV)
+        cnt_flat = counts.view(-1)
+
+        def sel():
+            return ops.select(q, k, v, lay.token_table, lay.block_sizes, cnt_flat, kmax, lay.block, True, scale,
+                              False, False)
+
+        idx, cnt, _, _ = sel()
+        useful, tiles = sparse_flops(lay, (idx, cnt), D)
+        t_all = timeit(lambda: vsa_attention(q, k, v, grid, keep))
+        t_stats = timeit(lambda: vsa_attention(q, k, v, grid, keep, return_stats=True))
+        t_sel = timeit(sel)
+        t_fine = timeit(lambda: ops.attend(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True,
+                                           scale))
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        t_fb = timeit(fwd_bwd(lambda: vsa_attention(qg, kg, vg, grid, keep), qg, kg, vg, dout))
+        o, lse = torch.ops.usv.bsa_fwd(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True, scale)
+        t_bwd_k = timeit(lambda: torch.ops.usv.bsa_bwd(dout, q, k, v, o, lse, idx, cnt, lay.token_table,
+                                                       lay.block_sizes, lay.block, True, scale))
+        t_tr = timeit(lambda: ops.transpose_lists(idx, cnt, C))
+        record(results, tag, f"usv_vsa keep={keep}", keep=keep, kept_blocks=kmax, num_blocks=C,
+               fwd_ms=t_all, fwd_stats_ms=t_stats, select_ms=t_sel, fine_ms=t_fine,
+               bwd_ms=t_fb - t_all, bwd_kernels_ms=t_bwd_k, transpose_lists_ms=t_tr,
+               bwd_over_fwd=(t_fb - t_all) / t_all,
+               fine_tflops_useful=useful / t_fine / 1e9, fine_tflops_tiles=tiles / t_fine / 1e9,
+               fwd_tflops_useful=useful / t_all / 1e9, speedup_vs_dense_flops_equiv=dense_flops / useful,
+               kept_fraction_tokens=useful / dense_flops)
+
+        # the other layout: reorder once per forward into padded cube order, contiguous kernel, back
+        sizes = lay.block_sizes.long()
+        starts = torch.cumsum(sizes, 0) - sizes
+        c_of = torch.repeat_interleave(torch.arange(C, device=DEV), sizes)
+        dst = c_of * lay.block + torch.arange(N, device=DEV) - starts[c_of]  # padded slot of compact pos
+        src = tiling.perm
+        back = dst[tiling.inv_perm]  # padded slot of every raster token
+
+        def reorder_forward():
+            pads = []
+            for t in (q, k, v):
+                xp = torch.empty(B, H, C * lay.block, D, device=DEV, dtype=t.dtype)
+                xp.index_copy_(2, dst, t.index_select(2, src))
+                pads.append(xp)
+            i2, c2, _, _ = ops.select(*pads, lay.token_table, lay.block_sizes, cnt_flat, kmax, lay.block, False,
+                                      scale, False, False)
+            op = ops.attend(*pads, i2, c2, lay.token_table, lay.block_sizes, lay.block, False, scale)
+            return op.index_select(2, back)
+
+        out_r = reorder_forward()
+        err_r = rel_l2(out_r, vsa_attention(q, k, v, grid, keep))
+        qp, kp, vp = (torch.empty(B, H, C * lay.block, D, device=DEV, dtype=q.dtype).index_copy_(2, dst, t.index_select(2, src))
+                      for t in (q, k, v))
+        t_fine_p = timeit(lambda: ops.attend(qp, kp, vp, idx, cnt, lay.token_table, lay.block_sizes, lay.block, False,
+                                             scale))
+        t_reo = timeit(reorder_forward)
+        record(results, tag, f"usv_vsa_reorder keep={keep}", keep=keep, fwd_ms=t_reo, fine_padded_ms=t_fine_p,
+               reorder_overhead_ms=t_reo - t_fine_p - t_sel, rel_l2_vs_raster=err_r)
+        del qp, kp, vp, out_r, o, lse, qg, kg, vg
+        torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ FlexAttention, same kept fraction
+    def flex():
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        fa = torch.compile(flex_attention, dynamic=False)
+        nb = -(-N // 128)
+        for keep in KEEPS:
+            n = max(1, math.ceil(keep * nb - 1e-6))
+            g = torch.Generator(device=DEV).manual_seed(1)
+            sc = torch.rand(B, H, nb, nb, device=DEV, generator=g)
+            kv_idx = torch.sort(torch.topk(sc, n, dim=-1).indices, dim=-1).values.to(torch.int32)
+            kv_num = torch.full((B, H, nb), n, device=DEV, dtype=torch.int32)
+            bm = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), kv_idx, kv_num, kv_idx, BLOCK_SIZE=128,
+                                          seq_lengths=(N, N))
+            t_f = timeit(lambda: fa(q, k, v, block_mask=bm))
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            try:
+                t_fb = timeit(fwd_bwd(lambda: fa(qg, kg, vg, block_mask=bm), qg, kg, vg, dout))
+                bwd = t_fb - t_f
+            except Exception as e:
+                bwd = f"error: {type(e).__name__}: {str(e)[:200]}"
+            flops = 4.0 * D * 128 * 128 * B * H * nb * n
+            record(results, tag, f"flex_block128 keep={keep}", keep=keep, fwd_ms=t_f, bwd_ms=bwd,
+                   fwd_tflops_tiles=flops / t_f / 1e9)
+    guarded(results, tag, "flex_block128", flex)
+
+    # ------------------------------------------------------------------ comfy-kitchen sol_attn
+    def sol():
+        import comfy_kitchen as ck
+
+        if not ck.sol_attn_is_available(q.device):
+            raise RuntimeError("comfy_kitchen.sol_attn_is_available() is False")
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, N, H, D)
+        variants = [(f"sol_attn topk={r}", dict(topk_ratio=r)) for r in KEEPS] + [("sol_attn tau=1.3", dict(tau=1.3))]
+        for name, kw in variants:
+            t_f = timeit(lambda: ck.sol_attn(qt, kt, vt, **kw))
+            qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
+            try:
+                t_fb = timeit(fwd_bwd(lambda: ck.sol_attn(qg, kg, vg, **kw), qg, kg, vg, dout.transpose(1, 2)))
+                bwd = t_fb - t_f
+            except Exception as e:
+                bwd = f"error: {type(e).__name__}: {str(e)[:200]}"
+            record(results, tag, name, fwd_ms=t_f, bwd_ms=bwd, **{k2: v2 for k2, v2 in kw.items()})
+    guarded(results, tag, "sol_attn", sol)
+    del q, k, v, dout
+    torch.cuda.empty_cache()
+
+
+def sweep(results):
+    """Launch configs of the fine kernels at 1.3B, keep 0.125: pick the fastest for the run."""
+    H, grid, D = 12, (21, 30, 52), 128
+    N = math.prod(grid)
+    q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    lay = cube_tiling(grid, device=DEV).layout
+    counts, kmax = _keep_counts(0.125, 1, H, lay.num_blocks, DEV)
+    idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block, True,
+                                D ** -0.5, False, False)
+    best = {}
+    for kind, configs in (("fwd", [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]), ("bwd", [(4, 1), (4, 2), (4, 3), (8, 2)])):
+        times = {}
+        for w, s in configs:
+            c = {"num_warps": w, "num_stages": s}
+            ops.set_kernel_config(**{kind: c})
+            try:
+                if kind == "fwd":
+                    t = timeit(lambda: ops.attend(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block,
+                                                  True, D ** -0.5))
+                else:
+                    o, lse = torch.ops.usv.bsa_fwd(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block,
+                                                   True, D ** -0.5)
+                    t = timeit(lambda: torch.ops.usv.bsa_bwd(dout, q, k, v, o, lse, idx, cnt, lay.token_table,
+                                                             lay.block_sizes, lay.block, True, D ** -0.5))
+            except Exception as e:
+                print(f"sweep {kind} {c}: {type(e).__name__} {str(e)[:200]}", flush=True)
+                continue
+            times[(w, s)] = t
+            record(results, "sweep", f"{kind} warps={w} stages={s}", ms=t)
+        if times:
+            w, s = min(times, key=times.get)
+            best[kind] = {"num_warps": w, "num_stages": s}
+            ops.set_kernel_config(**{kind: best[kind]})
+    print("sweep best:", best, flush=True)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--shapes", default="1.3b,14b")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1 dry run of the code paths")
+    args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        DEV = "cpu"
+        torch.cuda.synchronize = lambda: None
+        card = "cpu-smoke"
+    else:
+        assert torch.cuda.is_available(), "needs a CUDA GPU"
+        card = torch.cuda.get_device_name()
+    print(f"card: {card}, torch {torch.__version__}", flush=True)
+    results, checks = [], []
+    best = sweep(results) if args.sweep else {}
+    for key in args.shapes.split(","):
+        bench_shape(key.strip(), args, results, checks)
+    import triton
+
+    doc = dict(card=card, torch=torch.__version__, triton=triton.__version__, dtype="bfloat16",
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), kernel_config=dict(fwd=ops._FWD_CONFIG,
+               bwd=ops._BWD_CONFIG), sweep_best=best, checks=checks, results=results)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in card).strip("_").lower()
+    name = f"attention_{slug}.json"
+    for d in filter(None, [os.path.join(ROOT, "bench", "results") if not args.smoke else "", args.out]):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(doc, f, indent=1)
+    print("\n| shape | impl | fwd ms | bwd ms | notes |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        if r["shape"] == "sweep":
+            continue
+        fwd = r.get("fwd_ms")
+        bwd = r.get("bwd_ms")
+        note = r.get("error", "")
+        if "select_ms" in r:
+            note = (f"select {r['select_ms']:.3f} + fine {r['fine_ms']:.3f} ms; fine {r['fine_tflops_useful']:.0f} "
+                    f"TFLOP/s useful, {r['fine_tflops_tiles']:.0f} tiles")
+        if "reorder_overhead_ms" in r:
+            note = f"padded kernel {r['fine_padded_ms']:.3f} ms, reorder cost {r['reorder_overhead_ms']:.3f} ms"
+        f = lambda x: f"{x:.3f}" if isinstance(x, float) else (str(x)[:40] if x is not None else "")  # noqa: E731
+        print(f"| {r['shape']} | {r['impl']} | {f(fwd)} | {f(bwd)} | {note} |")
+    for c in checks:
+        print(f"check {c}")
+
+
+if __name__ == "__main__":
+    main()
