@@ -5,8 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 def all_nodes() -> list[type[io.ComfyNode]]:
     # Imported here so that a failure in one module names itself instead of hiding the pack.
+    from .accelerate import USVAccelerate
     from .dmd import USVDMDSampler, USVDMDSigmas
     from .model_info import USVModelInfo
+    from .policy import USVPolicy
+    from .report import USVReport
     from .sparse_attention import USVSparseAttention
     from .token_merge import USVTokenMerge
     from .world import USVWorldPrompt
@@ -18,6 +21,9 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         USVDMDSigmas,
         USVDMDSampler,
         USVWorldPrompt,
+        USVPolicy,
+        USVAccelerate,
+        USVReport,
     ]
 
 

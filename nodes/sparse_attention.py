@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .adapters import SUPPORTED_HEAD_DIMS, WanAdapter, adapter_for
+from .policy import USV_POLICY
 from .usv_patch import AttentionCall, CallContext, patched_clone
 
 CUBES = {"4x4x4": (4, 4, 4), "1x8x8": (1, 8, 8), "2x4x8": (2, 4, 8)}
@@ -67,6 +68,17 @@ class SparseAttention:
     dense_blocks: frozenset
     cube: tuple[int, int, int]
     gates: object = None  # GateWeights of a VSA-trained checkpoint, or None
+    policy: object = None  # usv_core.policy.PolicyConfig: keep per (layer, head) from it, self.keep the least
+
+    def _dense(self, ctx: CallContext, call: AttentionCall, prun):
+        """A call that runs dense: measure its coarse entropy when the policy will decide next step."""
+        if prun is not None and prun.wants_entropy(ctx.step):
+            from ..usv_core.policy import coarse_entropy
+
+            h = coarse_entropy(call.q, call.k, ctx.grid, self.cube, block_sizes=ctx.block_sizes)
+            ctx.patch.run.entropy[(ctx.step, ctx.block)] = h
+            prun.observe(ctx.block, h)
+        return None
 
     def block_gate(self, ctx: CallContext, args: dict):
         """Compute this block's gate from its input, before the block runs (Wan)."""
@@ -83,15 +95,26 @@ class SparseAttention:
     def attend(self, ctx: CallContext, call: AttentionCall):
         """The attention output, or None to run this call dense (the counters say why)."""
         run = ctx.patch.run
+        prun = None
+        if self.policy is not None:
+            from .policy import policy_run
+
+            prun = policy_run(ctx)
         if ctx.step < self.dense_steps:
             run.count(ctx.step, ctx.block, "dense:step")
-            return None
+            return self._dense(ctx, call, prun)
         if ctx.block in self.dense_blocks:
             run.count(ctx.step, ctx.block, "dense:block")
-            return None
+            return self._dense(ctx, call, prun)
         if self.keep >= 1.0:
             run.count(ctx.step, ctx.block, "dense:keep")
-            return None
+            return self._dense(ctx, call, prun)
+        keep = self.keep
+        if prun is not None:
+            keep = prun.decision(ctx.step, ctx.num_steps).layer_keep(ctx.block)
+            if isinstance(keep, float) and keep >= 1.0:
+                run.count(ctx.step, ctx.block, "dense:policy")
+                return self._dense(ctx, call, prun)
         reason = kernel_support(call, self.cube)
         if reason is not None:
             ctx.patch.warn_once("support:" + reason, f"sparse attention cannot serve {reason}; running it dense")
@@ -101,14 +124,16 @@ class SparseAttention:
 
         gate = ctx.gate if ctx.gate is not None and ctx.gate.shape == call.q.shape else None
         if ctx.block_sizes is not None:
-            out, entropy = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, self.keep, gate=gate,
+            out, entropy = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, keep, gate=gate,
                                                  return_stats=True)
         else:
-            out, entropy = vsa_attention(call.q, call.k, call.v, ctx.grid, self.keep, cube=self.cube, gate=gate,
+            out, entropy = vsa_attention(call.q, call.k, call.v, ctx.grid, keep, cube=self.cube, gate=gate,
                                          return_stats=True)
         run.count(ctx.step, ctx.block, "sparse")
         run.entropy[(ctx.step, ctx.block)] = entropy
-        run.keep[(ctx.step, ctx.block)] = self.keep
+        run.keep[(ctx.step, ctx.block)] = keep
+        if prun is not None:
+            prun.observe(ctx.block, entropy)
         return call.output(out)
 
 
@@ -136,12 +161,15 @@ class USVSparseAttention(io.ComfyNode):
                 io.Combo.Input("gate_weights", options=["none"] + _checkpoint_files(), default="none", optional=True,
                                tooltip="A VSA-trained checkpoint (FastWan) whose to_gate_compress weights drive the "
                                        "gated coarse branch. Stock ComfyUI drops them on load; USV reads them here."),
+                USV_POLICY.Input("policy", optional=True,
+                                 tooltip="USV Policy: keep per layer and head from attention entropy under one "
+                                         "budget; keep above is then the least any head keeps."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, keep, dense_steps, dense_blocks, cube, gate_weights="none") -> io.NodeOutput:
+    def execute(cls, model, keep, dense_steps, dense_blocks, cube, gate_weights="none", policy=None) -> io.NodeOutput:
         facts, adapter = adapter_for(model)
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
@@ -158,5 +186,6 @@ class USVSparseAttention(io.ComfyNode):
             path = folder_paths.get_full_path_or_raise("diffusion_models", gate_weights)
             gates = load_gate_weights(path, facts.layers, facts.heads * facts.head_dim)
         feature = SparseAttention(keep=float(keep), dense_steps=int(dense_steps),
-                                  dense_blocks=parse_blocks(dense_blocks, facts.layers), cube=CUBES[cube], gates=gates)
+                                  dense_blocks=parse_blocks(dense_blocks, facts.layers), cube=CUBES[cube], gates=gates,
+                                  policy=policy)
         return io.NodeOutput(patched_clone(model, adapter, "sparse_attention", feature))

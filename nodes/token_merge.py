@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from .adapters import WanAdapter, adapter_for
+from .policy import USV_POLICY
 from .sparse_attention import CUBES, parse_blocks
 from .usv_patch import CallContext, patched_clone
 
@@ -21,6 +22,7 @@ class TokenMerge:
     dense_steps: int
     blocks: frozenset
     metric: str
+    policy: object = None  # usv_core.policy.PolicyConfig: merge ratio per block from it, self.ratio the most
 
     @staticmethod
     def cube(ctx: CallContext) -> tuple[int, int, int]:
@@ -44,13 +46,22 @@ class TokenMerge:
             if x.shape[1] != ctx.grid_tokens and self.ratio > 0.0:
                 ctx.patch.warn_once("merge-layout", "token merging skips calls with tokens outside the video grid")
             return inner(args, extra)
-        plan = ctx.merge_plan
+        ratio = self.ratio
+        if self.policy is not None:
+            from .policy import policy_run
+
+            ratio = float(policy_run(ctx).decision(ctx.step, ctx.num_steps).merge[ctx.block])
+            if ratio <= 0.0:
+                return inner(args, extra)
+        plan = ctx.merge_plans.get(ratio)
         if plan is None or plan.batch != x.shape[0]:
-            # One plan per model call, from the first merging block's metric: building one costs
-            # about as much as a fifth of a block on an H100, so every block reuses it.
+            # One plan per model call (per ratio, when a policy varies it by block), from the first
+            # merging block's metric: building one costs about as much as a fifth of a block on an
+            # H100, so every block reuses it.
             with torch.no_grad():
-                plan = plan_merge(self._metric(ctx, ctx.block, x), ctx.grid, self.ratio, self.cube(ctx))
-            ctx.merge_plan = plan
+                plan = plan_merge(self._metric(ctx, ctx.block, x), ctx.grid, ratio, self.cube(ctx))
+            ctx.merge_plans[ratio] = plan
+        ctx.merge_plan = plan
         merged = dict(args)
         xm = plan.merge(x)
         merged["img"] = xm
@@ -99,12 +110,15 @@ class USVTokenMerge(io.ComfyNode):
                                 tooltip="Blocks that merge, such as '1-28'; empty: all but the first and the last."),
                 io.Combo.Input("metric", options=list(METRICS), default="keys",
                                tooltip="Similarity used to pair tokens: attention keys, or the hidden states."),
+                USV_POLICY.Input("policy", optional=True,
+                                 tooltip="USV Policy: merge ratio per block from attention entropy under one budget; "
+                                         "ratio above is then the most any block merges."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, ratio, dense_steps, blocks, metric) -> io.NodeOutput:
+    def execute(cls, model, ratio, dense_steps, blocks, metric, policy=None) -> io.NodeOutput:
         facts, adapter = adapter_for(model)
         if adapter is not WanAdapter:
             raise ValueError(f"USV Token Merge supports Wan 2.1 / 2.2 models; this is {facts.family}")
@@ -113,5 +127,6 @@ class USVTokenMerge(io.ComfyNode):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
         chosen = parse_blocks(blocks, facts.layers, "blocks") if blocks.strip() else default_blocks(facts.layers)
-        feature = TokenMerge(ratio=float(ratio), dense_steps=int(dense_steps), blocks=chosen, metric=metric)
+        feature = TokenMerge(ratio=float(ratio), dense_steps=int(dense_steps), blocks=chosen, metric=metric,
+                             policy=policy)
         return io.NodeOutput(patched_clone(model, adapter, "token_merge", feature))

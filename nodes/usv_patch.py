@@ -47,6 +47,8 @@ class CallContext:
     merged_tokens: int | None = None
     gate: torch.Tensor | None = None  # (B, heads, N, D) gate of the running block's coarse branch
     merge_plan: object = None  # the token-merging plan this call's blocks share
+    merge_plans: dict = field(default_factory=dict)  # ratio -> plan, when a policy varies the ratio by block
+    num_steps: int = 0  # steps of the running schedule (0: unknown)
 
     @property
     def grid_tokens(self) -> int:
@@ -63,6 +65,8 @@ class RunStats:
     entropy: dict = field(default_factory=dict)  # (step, block) -> (B, heads) normalised coarse entropy
     keep: dict = field(default_factory=dict)  # (step, block) -> keep ratio (float or per-head tensor)
     merged: dict = field(default_factory=dict)  # (step, block) -> tokens after merging / before
+    grid: tuple | None = None  # token grid of the run's last call
+    policy: object = None  # usv_core.policy.PolicyRun: the policy's observations and decisions in this run
 
     def count(self, step: int, block: int, path: str) -> None:
         self.calls[(step, block, path)] += 1
@@ -175,6 +179,9 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     grid, prefix = layout
     ctx = CallContext(patch=patch, model=executor.class_obj, grid=grid, prefix=prefix, step=step_index(opts, patch))
+    sigmas = opts.get("sample_sigmas")
+    ctx.num_steps = len(sigmas) - 1 if sigmas is not None and len(sigmas) > 1 else 0
+    patch.run.grid = grid
     if ctx.step + 1 > patch.run.steps:
         patch.run.steps = ctx.step + 1
 

@@ -1,0 +1,87 @@
+"""USV Report: what the last sampling run of a USV-patched model did, layer by layer and step by
+step, as a heatmap and a summary. It reads the statistics the patch moved to `last_run` when
+sampling ended; its LATENT input only makes it run after the sampler."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..usv_core import telemetry
+from ..usv_core.policy import WAN_1_3B_480P_ATTENTION_SHARE, attention_share
+from .usv_patch import get_patch
+
+
+def _model_dims(model):
+    """(layers, dim, ffn_dim) of a Wan or LTX-Video model inside a ModelPatcher, None where unknown."""
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    blocks = getattr(dm, "blocks", None) or getattr(dm, "transformer_blocks", None)
+    if dm is None or blocks is None:
+        return None, None, None
+    dim = getattr(dm, "dim", None) or getattr(dm, "inner_dim", None)
+    ffn = None
+    for mod in blocks[0].modules():
+        if type(mod).__name__ == "Linear" and getattr(mod, "in_features", None) == dim and mod.out_features > dim:
+            ffn = mod.out_features  # the first widening projection is the FFN's
+            break
+    return len(blocks), dim, ffn
+
+
+def report(model) -> tuple[object, str]:
+    """(IMAGE, summary) of the model's last run."""
+    patch = get_patch(model)
+    run = patch.last_run if patch is not None else None
+    layers, dim, ffn = _model_dims(model)
+    if run is None or not run.steps or not layers:
+        why = "this model has no USV patch" if patch is None else "no sampling run has finished with this model yet"
+        return telemetry.heatmap([telemetry.tables(1, max(1, layers or 1), [], {}, {}, {})["keep"]]), f"USV report: {why}."
+    ran = {(s, b) for (s, b, _path) in run.calls if b >= 0}
+    t = telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
+    share, where = WAN_1_3B_480P_ATTENTION_SHARE, "Wan 1.3B at 480p"
+    if run.grid is not None and dim and ffn:
+        tokens = run.grid[0] * run.grid[1] * run.grid[2]
+        share, where = attention_share(dim, ffn, tokens), f"this model at {tokens} tokens"
+    n = telemetry.summary_numbers(t, share)
+    grid = "x".join(str(g) for g in run.grid) if run.grid else "?"
+    lines = [
+        f"USV run: {run.steps} steps x {layers} blocks, token grid {grid}",
+        f"attended share: {n['attended']:.1%} (mean keep of key cubes; dense calls count 1)",
+        f"merged share: {n['tokens']:.1%} of tokens kept ({1 - n['tokens']:.1%} merged away)",
+        f"estimated work: {n['work']:.1%} of dense DiT work, about {n['speedup']:.2f}x faster denoising "
+        f"(attention {share:.0%} of a block's FLOPs for {where})",
+    ]
+    if n["entropy"] == n["entropy"]:
+        lines.append(f"mean coarse entropy: {n['entropy']:.3f}")
+    pr = run.policy
+    if pr is not None:
+        c = pr.config
+        lines.append(f"policy: {c.mode}, budget {c.budget:.2f}, gamma {c.gamma:g}, refresh {c.refresh}, "
+                     f"{len(pr.refreshed_at)} decisions (steps {', '.join(map(str, pr.refreshed_at))}), "
+                     f"{pr.seconds * 1e3:.1f} ms")
+    lines.append("heatmap: layers (rows, top = first) by steps (columns); panels: entropy | keep | tokens kept; "
+                 "dark = low, bright = high, grey = not measured")
+    image = telemetry.heatmap([t["entropy"], t["keep"], t["tokens"]])
+    return image, "\n".join(lines)
+
+
+class USVReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="USVReport",
+            display_name="USV Report",
+            category="USV",
+            description="What USV did in the last sampling run of this model: entropy, keep and kept tokens of every "
+                        "block at every step as a heatmap (layers x steps), and a summary with the attended share, "
+                        "merged share and estimated speedup. Connect the model the sampler used and its output latent.",
+            inputs=[
+                io.Model.Input("model", tooltip="The USV-patched model the sampler used."),
+                io.Latent.Input("latent", tooltip="The sampler's output: only makes this node run after sampling."),
+            ],
+            outputs=[io.Image.Output(display_name="heatmap"), io.String.Output(display_name="summary")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, latent) -> io.NodeOutput:
+        image, text = report(model)
+        return io.NodeOutput(image, text, ui={"text": (text,)})

@@ -1,0 +1,184 @@
+"""USV Policy, USV Accelerate and USV Report in the real ComfyUI, on a tiny random Wan 2.1 (4 blocks,
+2 heads), with KSampler and with the DMD sampler."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness import test_nodes, tiny_models
+from test_sparse_attention_node import sampled
+
+LAYERS = 4
+HEADS = 2
+
+
+@pytest.fixture(scope="module")
+def wan4(comfy):
+    return tiny_models.tiny_wan_t2v(3, layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def conds(comfy):
+    return (test_nodes.put_tensor(tiny_models.text_conditioning(1)),
+            test_nodes.put_tensor(tiny_models.text_conditioning(2)))
+
+
+@pytest.fixture(scope="module")
+def latent(comfy):
+    # 5 x 32 x 32 latent -> grid (5, 16, 16): 2 x 4 x 4 = 32 cubes of 4x4x4
+    return test_nodes.put_tensor(torch.zeros(1, 16, 5, 32, 32))
+
+
+def base(unet, conds, latent):
+    pos, neg = conds
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "pos": {"class_type": "USVTestConditioning", "inputs": {"name": pos}},
+        "neg": {"class_type": "USVTestConditioning", "inputs": {"name": neg}},
+        "latent": {"class_type": "USVTestLatent", "inputs": {"name": latent}},
+    }
+
+
+def ksampler(g, model, steps=3, cfg=4.0):
+    g["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 7, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
+    return g
+
+
+def policy_graph(unet, conds, latent, mode="entropy", budget=0.3, refresh=1, keep=0.05, ratio=0.5, steps=3,
+                 report=False):
+    """UNETLoader -> USVSparseAttention -> USVTokenMerge (both with one USVPolicy) -> KSampler [-> USVReport]."""
+    g = base(unet, conds, latent)
+    g["policy"] = {"class_type": "USVPolicy", "inputs": {"budget": budget, "gamma": 1.0, "refresh": refresh,
+                                                          "mode": mode, "early": 0.0}}
+    g["usv"] = {"class_type": "USVSparseAttention", "inputs": {
+        "model": ["unet", 0], "keep": keep, "dense_steps": 1, "dense_blocks": "", "cube": "4x4x4",
+        "gate_weights": "none", "policy": ["policy", 0]}}
+    g["merge"] = {"class_type": "USVTokenMerge", "inputs": {
+        "model": ["usv", 0], "ratio": ratio, "dense_steps": 1, "blocks": "", "metric": "keys",
+        "policy": ["policy", 0]}}
+    ksampler(g, ["merge", 0], steps=steps)
+    if report:
+        g["report"] = {"class_type": "USVReport", "inputs": {"model": ["merge", 0], "latent": ["sample", 0]}}
+    return g
+
+
+def last_run(result, node):
+    return result.output(node).model_options["transformer_options"]["usv_patch"].last_run
+
+
+def test_new_inputs_come_after_the_released_ones(comfy_nodes):
+    def names(node_id):
+        schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+        return [i.id for i in schema.inputs]
+
+    assert names("USVSparseAttention") == ["model", "keep", "dense_steps", "dense_blocks", "cube", "gate_weights",
+                                           "policy"]
+    assert names("USVTokenMerge") == ["model", "ratio", "dense_steps", "blocks", "metric", "policy"]
+    assert names("USVPolicy") == ["budget", "gamma", "refresh", "mode", "early"]
+    assert names("USVAccelerate") == ["model", "speed"]
+    assert names("USVReport") == ["model", "latent"]
+
+
+def test_entropy_policy_spends_the_budget_and_reports_it(run_workflow, wan4, conds, latent):
+    steps, budget = 3, 0.3
+    result = run_workflow(policy_graph(wan4, conds, latent, budget=budget, steps=steps, report=True),
+                          outputs=("sample", "merge", "report"))
+    assert torch.isfinite(sampled(result)).all()
+    run = last_run(result, "merge")
+    pr = run.policy
+    assert pr is not None and pr.config.mode == "entropy"
+    # step 0 is dense; its coarse entropy is measured for every block so that step 1 is decided from it
+    assert {b for (s, b) in run.entropy if s == 0} == set(range(LAYERS))
+    assert pr.refreshed_at == [1, 2]  # refresh 1: every controlled step, once (not per call)
+    for step in (1, 2):
+        alloc = pr.decisions[step]
+        assert not alloc.provisional
+        assert alloc.work == pytest.approx(budget, abs=0.03)  # whole cubes and merge levels round a little
+        assert (alloc.keep >= 0.05 - 1e-9).all() and (alloc.merge <= 0.5 + 1e-9).all()  # the nodes' caps
+        assert alloc.merge[0] == alloc.merge[-1] == 0.0  # default merge blocks: not the first and the last
+        for b in range(LAYERS):
+            recorded = run.keep[(step, b)]
+            want = alloc.keep[b]
+            got = recorded.numpy() if isinstance(recorded, torch.Tensor) else np.full(HEADS, recorded)
+            np.testing.assert_allclose(got, want)
+            if alloc.merge[b] > 0:
+                assert run.merged[(step, b)] == pytest.approx(1 - alloc.merge[b], abs=0.05)
+    # the state lived in the run: the patch's current run is fresh again
+    patch = result.output("merge").model_options["transformer_options"]["usv_patch"]
+    assert patch.run.policy is None
+
+    # USV Report: a heatmap IMAGE and a summary with this run's numbers
+    image = result.output("report", 0)
+    text = result.output("report", 1)
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
+    from usv_core import telemetry
+
+    ran = {(s, b) for (s, b, _p) in run.calls if b >= 0}
+    t = telemetry.tables(run.steps, LAYERS, ran, run.entropy, run.keep, run.merged)
+    assert f"attended share: {np.nanmean(t['keep']):.1%}" in text
+    assert f"{np.nanmean(t['tokens']):.1%} of tokens kept" in text
+    assert "policy: entropy, budget 0.30" in text and "steps 1, 2" in text
+    assert result.outputs["report"]["text"] == [text] or result.outputs["report"]["text"] == (text,)
+
+
+def test_static_mode_is_uniform(run_workflow, wan4, conds, latent):
+    result = run_workflow(policy_graph(wan4, conds, latent, mode="static", budget=0.3, refresh=2),
+                          outputs=("sample", "merge"))
+    run = last_run(result, "merge")
+    assert not any(s == 0 for (s, b) in run.entropy)  # static never measures dense steps
+    keeps = {run.keep[k] for k in run.keep}
+    assert len(keeps) == 1 and isinstance(next(iter(keeps)), float)  # one float keep everywhere
+    merges = {round(v, 6) for v in run.merged.values()}
+    assert len(merges) == 1
+    assert run.policy.refreshed_at == [1]  # refresh 2 over controlled steps 1, 2
+
+
+def test_accelerate_speed_one_equals_the_unpatched_model(run_workflow, wan4, conds, latent):
+    dense = sampled(run_workflow(ksampler(base(wan4, conds, latent), ["unet", 0], steps=2)))
+    g = base(wan4, conds, latent)
+    g["acc"] = {"class_type": "USVAccelerate", "inputs": {"model": ["unet", 0], "speed": 1}}
+    same = sampled(run_workflow(ksampler(g, ["acc", 0], steps=2)))
+    assert torch.equal(dense, same)
+
+
+def test_accelerate_with_the_dmd_sampler_and_report(run_workflow, wan4, conds, latent):
+    g = base(wan4, conds, latent)
+    g.update({
+        "acc": {"class_type": "USVAccelerate", "inputs": {"model": ["unet", 0], "speed": 4}},
+        "sigmas": {"class_type": "USVDMDSigmas", "inputs": {"model": ["acc", 0], "preset": "lightx2v-4step",
+                                                             "timesteps": "1000, 750, 500, 250", "shift": 5.0}},
+        "dmd": {"class_type": "USVDMDSampler", "inputs": {"mode": "stochastic", "noise_seed": 0}},
+        "guider": {"class_type": "BasicGuider", "inputs": {"model": ["acc", 0], "conditioning": ["pos", 0]}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["dmd", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0]}},
+        "report": {"class_type": "USVReport", "inputs": {"model": ["acc", 0], "latent": ["sample", 0]}},
+    })
+    result = run_workflow(g, outputs=("sample", "acc", "report"))
+    assert torch.isfinite(sampled(result)).all()
+    run = last_run(result, "acc")
+    assert run.steps == 4
+    assert run.policy.refreshed_at == [1, 3]  # refresh 2 from the first controlled step
+    paths = run.paths()
+    assert paths["sparse"] > 0 and paths["merged"] > 0
+    assert all(run.policy.decisions[s].work == pytest.approx(0.25, abs=0.03) for s in (1, 2, 3))
+    text = result.output("report", 1)
+    assert "USV run: 4 steps x 4 blocks" in text and "policy: entropy, budget 0.25" in text
+    assert "about 4.0x faster" in result.outputs["acc"]["text"][0]
+
+
+def test_bad_settings_are_clear_errors(comfy_nodes):
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["USVPolicy"]
+    with pytest.raises(ValueError, match=r"budget must be a number in \[0.02, 1\]"):
+        node.execute(0.01, 1.0, 2, "entropy", 0.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        node.execute(0.5, 1.0, 2, "greedy", 0.0)
+    with pytest.raises(ValueError, match="refresh must be a whole number"):
+        node.execute(0.5, 1.0, 0, "entropy", 0.0)
+    acc = comfy_nodes.NODE_CLASS_MAPPINGS["USVAccelerate"]
+    with pytest.raises(ValueError, match="speed must be a whole number from 1"):
+        acc.execute(None, 11)
