@@ -4,7 +4,7 @@ The normalised entropy h in [0, 1] of a head's coarse (cube-level) attention say
 is: a head with low h puts its mass on a few key cubes and loses little when the rest are
 skipped; a head with h near 1 needs most of them. Each (layer, head) gets the weight
 
-    w = (1 - h) ** gamma          (normalised to mean 1 over the heads the policy may change)
+    w = max((1 - h) ** gamma, 1e-3)   (normalised to mean 1 over the heads the policy may change)
 
 and the work that is skipped is handed out in proportion to w, under one pressure c >= 0:
 
@@ -56,6 +56,7 @@ MERGE_STEP = 0.1
 # linear layers and 2*512*d for cross-attention -> 0.70-0.71. See attention_share().
 WAN_1_3B_480P_ATTENTION_SHARE = 0.71
 _SOLVE_ROUNDS = 3
+WEIGHT_FLOOR = 1e-3
 
 
 def attention_share(dim: int, ffn_dim: int, tokens: int, text_tokens: int = 512) -> float:
@@ -261,7 +262,9 @@ def allocate(entropy, budget: float, limits: Limits, gamma: float = 1.0, mode: s
         h = np.nan_to_num(np.asarray(entropy, dtype=np.float64), nan=1.0)
         if h.shape != (L, H):
             raise ValueError(f"entropy must be (layers, heads) = ({L}, {H}), got {h.shape}")
-        w = (1.0 - np.clip(h, 0.0, 1.0)) ** float(gamma)
+        # the small floor lets perfectly spread heads (h = 1) give way once every other head has
+        # reached its limit, so the budget is met whenever the limits allow it
+        w = np.maximum((1.0 - np.clip(h, 0.0, 1.0)) ** float(gamma), WEIGHT_FLOOR)
     free_keep = keep_hi > keep_lo
     free_merge = merge_hi > merge_lo
     wk = _normalised(w, np.broadcast_to(free_keep[:, None], (L, H)))
