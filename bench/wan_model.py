@@ -55,28 +55,31 @@ def _av_stand_in() -> None:
 
 
 def build_model(size: str, device, dtype):
+    """Random weights in the checkpoint layout, loaded through ComfyUI's own loader, so that the
+    model runs with the operations and dtypes a user's Wan would."""
     import torch
-    import comfy.model_patcher
-    import comfy.supported_models
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.wan.model import WanModel
 
     dim, ffn, layers, _ = SIZES[size]
-    unet_config = {"image_model": "wan2.1", "model_type": "t2v", "dim": dim, "ffn_dim": ffn, "num_heads": dim // 128,
-                   "num_layers": layers, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
-                   "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "out_dim": 16}
-    config = comfy.supported_models.WAN21_T2V(unet_config)
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({}, device=device)
+    with torch.device("meta"):
+        shapes = WanModel(dim=dim, ffn_dim=ffn, num_heads=dim // 128, num_layers=layers, in_dim=16, out_dim=16,
+                          operations=comfy.ops.disable_weight_init).state_dict()
     gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) / p[0].numel() ** 0.5)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
-    model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    sd = {}
+    for name, p in shapes.items():
+        if p.ndim >= 2:
+            t = torch.randn(p.shape, generator=gen, device=device) / p[0].numel() ** 0.5
+        elif "norm" in name:
+            t = torch.ones(p.shape, device=device)
+        else:
+            t = 0.02 * torch.randn(p.shape, generator=gen, device=device)
+        sd[name] = t.to(dtype)
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+    # Wan embeds patches from a float32 latent (`x.float()`); let that one conv cast its weights.
+    patcher.model.diffusion_model.patch_embedding.comfy_cast_weights = True
+    return patcher
 
 
 def time_steps(patcher, latent, cond, steps: int, repeats: int, device) -> list[float]:
