@@ -17,12 +17,9 @@ import os
 import torch
 
 _LOG2E = 1.4426950408889634
-# selection tile: query blocks per tile (tensor-core minimum) and key blocks per chunk
-_QM = 16
-_KCH = 64
-# the selection kernel keeps QM x CPAD scores of a tile in registers; beyond this many blocks the
-# selection falls back to torch (pooling still runs in Triton)
-MAX_SELECT_BLOCKS = 2048
+# the selection kernel keeps a whole score row in registers (up to 4 warps of 32 x 32 floats);
+# beyond this many blocks selection falls back to torch (pooling and scores still run in Triton)
+MAX_SELECT_BLOCKS = 4096
 
 _FWD_CONFIG = {"num_warps": 4, "num_stages": 3}
 _BWD_CONFIG = {"num_warps": 8, "num_stages": 2}
@@ -91,6 +88,8 @@ def _sm_count(device):
 # ---------------------------------------------------------------------------------- selection
 def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats):
     pool_mod, select_mod, _, _ = _kernels()
+    from . import triton_scores as scores_mod
+
     B, H, _, D = q.shape
     C = sizes.numel()
     dev = q.device
@@ -111,12 +110,15 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
     cnt = _new((B, H, C), torch.int32, dev)
     coarse = _new((B, H, C, D) if with_coarse else (0,), torch.float32, dev)
     ent = _new((B, H, C) if with_stats else (0,), torch.float32, dev)
-    cpad = max(_KCH, triton_next_pow2(C))
+    scores = _new((B, H, C, C), torch.float32, dev)
+    scores_mod.scores_kernel[(triton_cdiv(C, 32), triton_cdiv(C, 32), B * H)](
+        qc, kc, scores, C, scale, HEAD_DIM=D, BM=32, BN=32, BK=32, num_warps=4,
+    )
+    cpad = max(32, triton_next_pow2(C))
     if cpad > MAX_SELECT_BLOCKS:
-        # wide rows: torch does what the kernel would (same tie rule), from the pooled tensors
+        # rows too wide for one program's registers: torch does what the kernel would (same tie rule)
         from .reference import select_blocks
 
-        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
         i2, c2 = select_blocks(scores, counts.view(B, H))
         idx[..., : i2.shape[-1]] = i2
         cnt.copy_(c2)
@@ -126,21 +128,21 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
             logp = torch.log_softmax(scores, -1)
             ent.copy_(-(logp.exp() * logp).nan_to_num(0.0).sum(-1))
         return idx, cnt, coarse, ent
-    num_tiles = B * H * (-(-C // _QM))
-    nprog = max(1, min(num_tiles, 4 * _sm_count(dev)))
-    scratch = torch.empty((nprog, _QM, cpad), dtype=torch.float32, device=dev)
-    select_mod.select_kernel[(nprog,)](
-        qc, kc, vc, idx, cnt, counts, ent if with_stats else qc, coarse if with_coarse else qc, scratch,
-        C, num_tiles, nprog, kmax, scale,
-        HEAD_DIM=D, QM=_QM, KCH=_KCH, CPAD=cpad,
-        WITH_COARSE=with_coarse, WITH_STATS=with_stats,
-        num_warps=8 if cpad >= 1024 else 4,
+    select_mod.select_kernel[(C, B * H)](
+        scores, vc, idx, cnt, counts, ent if with_stats else qc, coarse if with_coarse else qc,
+        C, kmax,
+        HEAD_DIM=D, CPAD=cpad, VCH=16, WITH_COARSE=with_coarse, WITH_STATS=with_stats,
+        num_warps=max(1, cpad // 1024),
     )
     return idx, cnt, coarse, ent
 
 
 def triton_next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def triton_cdiv(a, b):
+    return -(-int(a) // int(b))
 
 
 # ---------------------------------------------------------------------------------- attention
