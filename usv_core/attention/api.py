@@ -135,7 +135,11 @@ def _keep_counts(keep, B, H, C, device):
 
 
 def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+    # the kernels take any batch/head strides but need unit stride along D, and address the rows
+    # of one (batch, head) with 32-bit offsets
+    if t.stride(-1) != 1 or t.stride(2) * t.shape[2] >= 2**31:
+        return t.contiguous()
+    return t
 
 
 def _vsa(q, k, v, layout: BlockLayout, keep, gate, scale, return_stats, backend):

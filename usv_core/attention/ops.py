@@ -21,7 +21,7 @@ _LOG2E = 1.4426950408889634
 # beyond this many blocks selection falls back to torch (pooling and scores still run in Triton)
 MAX_SELECT_BLOCKS = 4096
 
-_FWD_CONFIG = {"num_warps": 4, "num_stages": 3}
+_FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}
 _BWD_CONFIG = {"num_warps": 8, "num_stages": 2}
 
 

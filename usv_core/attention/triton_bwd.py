@@ -31,10 +31,10 @@ def bsa_bwd_dq_kernel(
     d = tl.arange(0, HEAD_DIM)
 
     if USE_TABLE:
-        q_tok = tl.load(TAB + qb * BLOCK + offs).to(tl.int64)
+        q_tok = tl.load(TAB + qb * BLOCK + offs)
         q_valid = q_tok >= 0
     else:
-        q_tok = qb.to(tl.int64) * BLOCK + offs
+        q_tok = qb * BLOCK + offs
         q_valid = offs < tl.load(SIZES + qb)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_tok[:, None] * stride_qn + d[None, :],
                 mask=q_valid[:, None], other=0.0)
@@ -58,10 +58,10 @@ def bsa_bwd_dq_kernel(
     for j in range(0, cnt):
         kb = tl.load(idx_ptr + j)
         if USE_TABLE:
-            k_tok = tl.load(TAB + kb * BLOCK + offs).to(tl.int64)
+            k_tok = tl.load(TAB + kb * BLOCK + offs)
             k_valid = k_tok >= 0
         else:
-            k_tok = kb.to(tl.int64) * BLOCK + offs
+            k_tok = kb * BLOCK + offs
             k_valid = offs < tl.load(SIZES + kb)
         k = tl.load(k_base + k_tok[:, None] * stride_kn + d[None, :], mask=k_valid[:, None], other=0.0)
         v = tl.load(v_base + k_tok[:, None] * stride_vn + d[None, :], mask=k_valid[:, None], other=0.0)
@@ -98,10 +98,10 @@ def bsa_bwd_dkdv_kernel(
     d = tl.arange(0, HEAD_DIM)
 
     if USE_TABLE:
-        k_tok = tl.load(TAB + kb * BLOCK + offs).to(tl.int64)
+        k_tok = tl.load(TAB + kb * BLOCK + offs)
         k_valid = k_tok >= 0
     else:
-        k_tok = kb.to(tl.int64) * BLOCK + offs
+        k_tok = kb * BLOCK + offs
         k_valid = offs < tl.load(SIZES + kb)
     k = tl.load(K + b * stride_kb + h * stride_kh + k_tok[:, None] * stride_kn + d[None, :],
                 mask=k_valid[:, None], other=0.0)
@@ -120,10 +120,10 @@ def bsa_bwd_dkdv_kernel(
     for j in range(0, cnt):
         qb = tl.load(idx_ptr + j)
         if USE_TABLE:
-            q_tok = tl.load(TAB + qb * BLOCK + offs).to(tl.int64)
+            q_tok = tl.load(TAB + qb * BLOCK + offs)
             q_valid = q_tok >= 0
         else:
-            q_tok = qb.to(tl.int64) * BLOCK + offs
+            q_tok = qb * BLOCK + offs
             q_valid = offs < tl.load(SIZES + qb)
         q = tl.load(q_base + q_tok[:, None] * stride_qn + d[None, :], mask=q_valid[:, None], other=0.0)
         do = tl.load(do_base + q_tok[:, None] * stride_on + d[None, :], mask=q_valid[:, None], other=0.0)

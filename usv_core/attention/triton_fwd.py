@@ -26,6 +26,7 @@ def bsa_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     H, NQB, N, kmax, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr, DOT_F32: tl.constexpr,
+    KB: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -35,10 +36,10 @@ def bsa_fwd_kernel(
     d = tl.arange(0, HEAD_DIM)
 
     if USE_TABLE:
-        q_tok = tl.load(TAB + qb * BLOCK + offs).to(tl.int64)
+        q_tok = tl.load(TAB + qb * BLOCK + offs)
         q_valid = q_tok >= 0
     else:
-        q_tok = qb.to(tl.int64) * BLOCK + offs
+        q_tok = qb * BLOCK + offs
         q_valid = offs < tl.load(SIZES + qb)
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_tok[:, None] * stride_qn + d[None, :],
                 mask=q_valid[:, None], other=0.0)
@@ -56,14 +57,19 @@ def bsa_fwd_kernel(
     row = bh.to(tl.int64) * NQB + qb
     cnt = tl.load(CNT + row)
     idx_ptr = IDX + row * kmax
-    for j in range(0, cnt):
-        kb = tl.load(idx_ptr + j)
+    # KB key blocks per step: with KB=2 the key tile is 2 * BLOCK wide, which halves the
+    # online-softmax bookkeeping per FLOP and feeds the tensor cores a wider N
+    n_offs = tl.arange(0, KB * BLOCK)
+    half = n_offs // BLOCK
+    slot = n_offs % BLOCK
+    for j in range(0, cnt, KB):
+        kb = tl.load(idx_ptr + j + half, mask=(j + half) < cnt, other=-1)
         if USE_TABLE:
-            k_tok = tl.load(TAB + kb * BLOCK + offs).to(tl.int64)
+            k_tok = tl.load(TAB + kb * BLOCK + slot, mask=kb >= 0, other=-1)
             k_valid = k_tok >= 0
         else:
-            k_tok = kb.to(tl.int64) * BLOCK + offs
-            k_valid = offs < tl.load(SIZES + kb)
+            k_tok = kb * BLOCK + slot
+            k_valid = slot < tl.load(SIZES + kb, mask=kb >= 0, other=0)
         k = tl.load(k_base + k_tok[:, None] * stride_kn + d[None, :], mask=k_valid[:, None], other=0.0)
         v = tl.load(v_base + k_tok[:, None] * stride_vn + d[None, :], mask=k_valid[:, None], other=0.0)
         if DOT_F32:
