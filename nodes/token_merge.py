@@ -71,7 +71,7 @@ class TokenMerge:
             # per-frame modulation (Wan 2.2 5B): spread to tokens, then follow the merged tokens
             per_token = torch.repeat_interleave(vec, x.shape[1] // vec.shape[1], dim=1)
             merged["vec"] = plan.gather(per_token, dim=1)
-        ctx.block_sizes, ctx.merged_tokens = plan.block_sizes, plan.num_merged
+        ctx.block_sizes, ctx.merged_tokens = plan.block_sizes_host, plan.num_merged  # host copy: no sync
         try:
             out = inner(merged, extra)
         finally:

@@ -150,14 +150,35 @@ def cube_tiling(grid, cube=(4, 4, 4), device="cpu") -> CubeTiling:
 
 def blocked_layout(block_sizes: torch.Tensor, device=None) -> BlockLayout:
     """Layout of a sequence already grouped block after block, block i holding block_sizes[i]
-    consecutive tokens (the output of token merging). Not cached: sizes change per call."""
+    consecutive tokens (the output of token merging).
+
+    Pass the sizes as a CPU tensor where you can (token merging keeps a host copy): the layout is
+    then built on the host without a device sync and cached, since a merge ratio on one grid
+    always gives the same sizes and every block of a forward shares them."""
     if not isinstance(block_sizes, torch.Tensor) or block_sizes.dim() != 1 or block_sizes.numel() == 0:
         raise ValueError("block_sizes must be a non-empty 1-D integer tensor")
     if block_sizes.dtype.is_floating_point or block_sizes.dtype == torch.bool:
         raise ValueError("block_sizes must be an integer tensor")
     device = torch.device(device) if device is not None else block_sizes.device
-    sizes = block_sizes.to(device=device, dtype=torch.int64)
-    # one host sync: the tile width is a compile-time constant of the kernels
+    if block_sizes.device.type == "cpu":
+        return _blocked_layout_cached(tuple(block_sizes.tolist()), str(device))
+    return _build_blocked_layout(block_sizes.to(device=device, dtype=torch.int64), device)
+
+
+@functools.lru_cache(maxsize=32)
+def _blocked_layout_cached(sizes: tuple, device: str) -> BlockLayout:
+    host = _build_blocked_layout(torch.tensor(sizes, dtype=torch.int64), torch.device("cpu"))
+    if device == "cpu":
+        return host
+    return BlockLayout(
+        num_tokens=host.num_tokens, num_blocks=host.num_blocks, block=host.block,
+        max_block_size=host.max_block_size, token_table=host.token_table.to(device),
+        block_sizes=host.block_sizes.to(device), block_of_token=host.block_of_token.to(device),
+    )
+
+
+def _build_blocked_layout(sizes: torch.Tensor, device) -> BlockLayout:
+    # one host sync on a device tensor: the tile width is a compile-time constant of the kernels
     smax, smin = (int(x) for x in torch.stack([sizes.max(), sizes.min()]).tolist())
     if smin < 1:
         raise ValueError("block_sizes must all be >= 1")
