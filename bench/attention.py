@@ -79,10 +79,15 @@ def fwd_bwd(fn, q, k, v, dout):
     return run
 
 
+SAVE_HOOK = []
+
+
 def record(results, shape, name, **kw):
     row = dict(shape=shape, impl=name, **kw)
     results.append(row)
-    msg = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+    for hook in SAVE_HOOK:
+        hook()
+    msg = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items() if k != "kernels")
     print(f"[{shape}] {name}: {msg}", flush=True)
 
 
@@ -92,7 +97,10 @@ def guarded(results, shape, name, fn):
     except Exception as e:  # a peer that does not run here is recorded, not fatal
         record(results, shape, name, error=f"{type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc(limit=2)
-    torch.cuda.empty_cache()
+    try:
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
 
 
 def sparse_flops(layout, idx_cnt, D):
@@ -215,6 +223,30 @@ def bench_shape(key, args, results, checks):
         del qp, kp, vp, out_r, o, lse, qg, kg, vg
         torch.cuda.empty_cache()
 
+    # ------------------------------------------------------------------ where the time goes (keep 0.125)
+    def breakdown():
+        from torch.profiler import ProfilerActivity, profile
+
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        for _ in range(2):
+            vsa_attention(qg, kg, vg, grid, 0.125).backward(dout)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                vsa_attention(qg, kg, vg, grid, 0.125).backward(dout)
+            torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / 3 / 1000.0, ev.count // 3, ev.key[:60]))
+        rows.sort(reverse=True)
+        for ms, n, key in rows[:12]:
+            print(f"[{tag}] profile keep=0.125 fwd+bwd: {ms:8.3f} ms  x{n}  {key}", flush=True)
+        record(results, tag, "usv_vsa profile keep=0.125 fwd+bwd", kernels=[dict(ms=a, calls=b, name=c)
+                                                                            for a, b, c in rows[:12]])
+    guarded(results, tag, "usv_vsa profile", breakdown)
+
     # ------------------------------------------------------------------ FlexAttention, same kept fraction
     def flex():
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -231,8 +263,17 @@ def bench_shape(key, args, results, checks):
             g = torch.Generator(device=DEV).manual_seed(1)
             sc = torch.rand(B, H, nb, nb, device=DEV, generator=g)
             kv_idx = torch.sort(torch.topk(sc, n, dim=-1).indices, dim=-1).values.to(torch.int32)
+            # BlockMask reads the KV length off the index tensor's width: pad the lists to nb
+            kv_idx = torch.nn.functional.pad(kv_idx, (0, nb - n))
             kv_num = torch.full((B, H, nb), n, device=DEV, dtype=torch.int32)
-            bm = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), kv_idx, kv_num, kv_idx, BLOCK_SIZE=128)
+            allowed = torch.zeros(B, H, nb, nb, dtype=torch.bool, device=DEV)
+            allowed.scatter_(-1, kv_idx[..., :n].long(), True)
+
+            def lookup(b, h, qi, ki, allowed=allowed):  # only eager flex evaluates it: all blocks are full
+                return allowed[b, h, qi // 128, ki // 128]
+
+            bm = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), kv_idx, kv_num, kv_idx, BLOCK_SIZE=128,
+                                          mask_mod=lookup, seq_lengths=(Np, Np))
             t_f = timeit(lambda: fa(q, k, v, block_mask=bm))
             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
             try:
@@ -347,7 +388,9 @@ def main():
             with open(os.path.join(d, name), "w") as f:
                 json.dump(doc, f, indent=1)
 
-    best = sweep(results) if args.sweep else {}
+    best = {}
+    SAVE_HOOK.append(lambda: save(best))
+    best.update(sweep(results) if args.sweep else {})
     if best and args.out:
         with open(os.path.join(args.out, "best_config.json"), "w") as f:
             json.dump(best, f)
