@@ -21,8 +21,8 @@ _LOG2E = 1.4426950408889634
 # beyond this many blocks selection falls back to torch (pooling and scores still run in Triton)
 MAX_SELECT_BLOCKS = 4096
 
-_FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}
-_BWD_CONFIG = {"num_warps": 8, "num_stages": 2}
+_FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H100 sweep: bench/attention.md
+_BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
 
 
 # Tests set this: kernel outputs then start as NaN (floats) or -7 (ints) instead of uninitialised
