@@ -49,31 +49,43 @@ def _as_video(frames) -> torch.Tensor:
 
 def _colour_masks(video: torch.Tensor) -> torch.Tensor:
     """(colours, F, S, S) 0/1 masks: each pixel goes to its nearest palette colour if near enough."""
-    d = torch.cdist(video.reshape(-1, 3), _PALETTE)
-    dist, label = d.min(-1)
-    label = torch.where(dist < COLOUR_TOL, label, torch.full_like(label, -1)).view(video.shape[:3])
-    return torch.stack([(label == i + 1).float() for i in range(len(COLOR_NAMES))])
+    px = video.reshape(-1, 3)
+    d2 = (px * px).sum(-1, keepdim=True) - 2 * px @ _PALETTE.T + (_PALETTE * _PALETTE).sum(-1)
+    dist2, label = d2.min(-1)
+    label = torch.where(dist2 < COLOUR_TOL ** 2, label, torch.full_like(label, -1)).view(video.shape[:3])
+    return torch.stack([(label == i + 1) for i in range(len(COLOR_NAMES))]).to(torch.float64)
 
 
 def _blob_stats(masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per (colour, frame): area, centroid, compactness and the two shape features."""
+    """Per (colour, frame): area, centroid, compactness and the two shape features.
+
+    All from the raw moments E[y^b x^a] (a <= 2, b <= 3) of each mask, got in one pass as
+    Y^T M X with X = [1, x, x^2] and Y = [1, y, y^2, y^3]; float64 keeps the central moments
+    exact enough after the subtractions."""
     s = masks.shape[-1]
-    coord = (torch.arange(s, dtype=torch.float32) + 0.5) / s
-    ys, xs = coord.view(1, 1, s, 1), coord.view(1, 1, 1, s)
-    m0 = masks.sum((-1, -2)).clamp_min(1.0)
-    area = masks.sum((-1, -2)) / (s * s)
-    cx = (masks * xs).sum((-1, -2)) / m0
-    cy = (masks * ys).sum((-1, -2)) / m0
-    dx = xs - cx[..., None, None]
-    dy = ys - cy[..., None, None]
-    mean = lambda v: (masks * v).sum((-1, -2)) / m0
-    vxx, vyy, vxy = mean(dx * dx), mean(dy * dy), mean(dx * dy)
+    coord = (torch.arange(s, dtype=torch.float64) + 0.5) / s
+    xp = torch.stack([coord ** k for k in range(3)], -1)  # (S, 3)
+    yp = torch.stack([coord ** k for k in range(4)], -1)  # (S, 4)
+    raw = torch.einsum("sb,cfsw,wa->cfba", yp, masks, xp)  # (C, F, 4, 3): sum of y^b x^a
+    m0 = raw[..., 0, 0]
+    area = m0 / (s * s)
+    e = raw / m0.clamp_min(1.0)[..., None, None]
+    cx, cy = e[..., 0, 1], e[..., 1, 0]
+    vxx = e[..., 0, 2] - cx ** 2
+    vyy = e[..., 2, 0] - cy ** 2
+    vxy = e[..., 1, 1] - cx * cy
     det = (vxx * vyy - vxy * vxy).clamp_min(1e-12)
     compact = area / (4 * np.pi * det.sqrt())
-    skew = mean(dy ** 3) / vyy.clamp_min(1e-12) ** 1.5
-    cross = mean(dx * dx * dy * dy) / (vxx * vyy).clamp_min(1e-12)
+    skew = (e[..., 3, 0] - 3 * cy * e[..., 2, 0] + 2 * cy ** 3) / vyy.clamp_min(1e-12) ** 1.5
+    # E[(x - cx)^2 (y - cy)^2] expanded into raw moments
+    exy = lambda a, b: e[..., b, a]
+    cross4 = (exy(2, 2) - 2 * cy * exy(2, 1) + cy ** 2 * exy(2, 0)
+              - 2 * cx * (exy(1, 2) - 2 * cy * exy(1, 1) + cy ** 2 * exy(1, 0))
+              + cx ** 2 * (exy(0, 2) - 2 * cy * exy(0, 1) + cy ** 2))
+    cross = cross4 / (vxx * vyy).clamp_min(1e-12)
     present = (area >= MIN_AREA) & (compact >= MIN_COMPACT)
-    return {"area": area, "cx": cx, "cy": cy, "compact": compact, "skew": skew, "cross": cross, "present": present}
+    f32 = lambda t: t.to(torch.float32)
+    return {"area": f32(area), "cx": f32(cx), "cy": f32(cy), "compact": f32(compact), "skew": f32(skew), "cross": f32(cross), "present": present}
 
 
 def _shape_of(skew: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 caption encoder with flow matching on cached latents; then evaluate the dense teacher (50 steps,
 CFG) with the world score and time it.
 
-    python3 -m usv_core.world.train --out DIR            # GPU, about 7 minutes
+    python3 -m usv_core.world.train --out DIR            # GPU, about 8 minutes
     python3 -m usv_core.world.train --out DIR --tiny     # CPU smoke test, seconds
 
 Writes to DIR: usv_world_{dit,vae,text}.safetensors, curves.json, curves.png, world_teacher.json,
@@ -53,7 +53,10 @@ def from_video(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(a, dev, rng, curves) -> WanVAE:
-    vae = WanVAE(a.vae_dim).to(dev)
+    vae = WanVAE(a.vae_dim)
+    if a.identity_init:
+        vae.init_for_training()
+    vae = vae.to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     bg = torch.tensor(BACKGROUND, device=dev)
     t_start, step, curves["vae"] = time.time(), 0, []
@@ -196,7 +199,8 @@ def evaluate(dit, text, vae, a, dev, results):
         sweep[str(cfg)] = float(np.mean([score_details(v, p)["score"] for v, p in zip(vids, prompts)]))
         log(f"cfg {cfg}: world score {sweep[str(cfg)]:.3f} over {k} prompts")
     results["cfg_sweep"] = sweep
-    cfg = a.cfg
+    # The teacher uses the guidance scale that scored best (or the one asked for).
+    cfg = a.cfg if a.cfg > 0 else float(max(sweep, key=sweep.get))
     t = time.time()
     vids = generate(dit, text, vae, prompts, a, dev, cfg, seed=0)
     details = [score_details(v, p) for v, p in zip(vids, prompts)]
@@ -227,7 +231,7 @@ def evaluate(dit, text, vae, a, dev, results):
             dit_times.append(t1 - t0)
     results.update(seconds_per_video=float(np.median(times)), dit_seconds_per_video=float(np.median(dit_times)),
                    vae_decode_seconds=float(np.median(times) - np.median(dit_times)))
-    log(f"one video: {np.median(times):.2f}s ({np.median(dit_times):.2f}s DiT, 50 steps x CFG in bf16)")
+    log(f"one video: {np.median(times):.2f}s ({np.median(dit_times):.2f}s DiT, {a.steps} steps x CFG {cfg})")
 
 
 def parse_args(argv=None):
@@ -238,16 +242,17 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--vae-dim", type=int, default=12)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-frames", type=int, default=9)
+    p.add_argument("--vae-lr", type=float, default=1.5e-3)
+    p.add_argument("--vae-batch", type=int, default=24)
+    p.add_argument("--vae-frames", type=int, default=5, help="1 + 4k frames per training window (5: frame 0 and one chunk)")
     p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--vae-seconds", type=float, default=100)
+    p.add_argument("--identity-init", type=int, default=1, help="1: start the VAE as a per-frame autoencoder (WanVAE.init_for_training)")
+    p.add_argument("--vae-seconds", type=float, default=150)
     p.add_argument("--vae-steps", type=int, default=10**9)
     p.add_argument("--latent-noise", type=float, default=0.05)
     p.add_argument("--stat-clips", type=int, default=64)
     p.add_argument("--encode-batch", type=int, default=32)
-    p.add_argument("--encode-seconds", type=float, default=40)
+    p.add_argument("--encode-seconds", type=float, default=45)
     p.add_argument("--max-clips", type=int, default=12000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--ffn-dim", type=int, default=1024)
@@ -256,10 +261,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--dit-seconds", type=float, default=200)
+    p.add_argument("--dit-seconds", type=float, default=220)
     p.add_argument("--dit-steps", type=int, default=10**9)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=0.0, help="guidance scale of the teacher; 0: the best of --cfg-sweep")
     p.add_argument("--cfg-sweep", type=float, nargs="*", default=[3.0, 5.0, 8.0])
     p.add_argument("--sweep-prompts", type=int, default=32)
     p.add_argument("--eval-prompts", type=int, default=64)
@@ -268,7 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     if a.tiny:
-        a.size, a.frames, a.vae_dim, a.crop, a.vae_batch, a.vae_frames = 64, 9, 4, 32, 2, 5
+        a.size, a.frames, a.vae_dim, a.crop, a.vae_batch, a.vae_frames = 32, 5, 4, 32, 2, 5
         a.vae_steps, a.stat_clips, a.encode_batch, a.max_clips = 3, 4, 4, 8
         a.dim, a.ffn_dim, a.layers, a.batch, a.dit_steps = 128, 256, 1, 2, 3
         a.steps, a.cfg_sweep, a.sweep_prompts, a.eval_prompts, a.decode_batch, a.time_runs, a.log_every = 3, [5.0], 2, 2, 2, 1, 1
@@ -284,7 +289,9 @@ def main(argv=None) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        # cuDNN autotuning bought no step time for these small convolutions (bench/world_speed.py)
+        # and cost half a minute of start-up.
+        torch.backends.cudnn.benchmark = False
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     log(f"device {card}, torch {torch.__version__}")
     t_all = time.time()

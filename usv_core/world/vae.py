@@ -14,12 +14,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 Z_DIM = 16
 DIM_MULT = (1, 2, 4, 4)
 NUM_RES_BLOCKS = 2
 TEMPORAL_DOWN = (False, True, True)
+
+
+def frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B T, C, H, W), for layers that work on single frames."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def batch_to_frames(x: torch.Tensor, t: int) -> torch.Tensor:
+    bt, c, h, w = x.shape
+    return x.reshape(bt // t, t, c, h, w).transpose(1, 2)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -70,11 +80,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        y = self.norm(rearrange(x, "b c t h w -> (b t) c h w"))
-        q, k, v = (rearrange(z, "n c h w -> n 1 (h w) c") for z in self.to_qkv(y).chunk(3, dim=1))
-        y = F.scaled_dot_product_attention(q, k, v)
-        y = self.proj(rearrange(y, "n 1 (h w) c -> n c h w", h=h, w=w))
-        return x + rearrange(y, "(b t) c h w -> b c t h w", t=t)
+        y = self.norm(frames_to_batch(x))
+        q, k, v = (z.flatten(2).transpose(1, 2).unsqueeze(1) for z in self.to_qkv(y).chunk(3, dim=1))  # (n, 1, hw, c)
+        y = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        return x + batch_to_frames(self.proj(y), t)
 
 
 class Resample(nn.Module):
@@ -91,8 +100,7 @@ class Resample(nn.Module):
                 self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
 
     def _spatial(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[2]
-        return rearrange(self.resample(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=t)
+        return batch_to_frames(self.resample(frames_to_batch(x)), x.shape[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "upsample3d" and x.shape[2] > 1:
@@ -161,6 +169,27 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder3d(dim, z_dim)
+
+    @torch.no_grad()
+    def init_for_training(self) -> None:
+        """Start as a plain per-frame autoencoder, which trains much faster from scratch: every
+        residual branch ends in zeros (blocks pass their input through), a temporal downsample
+        averages the two new frames of its window, a temporal upsample repeats its frame."""
+        for m in self.modules():
+            if isinstance(m, ResidualBlock):
+                nn.init.zeros_(m.residual[6].weight)
+                nn.init.zeros_(m.residual[6].bias)
+            elif isinstance(m, Resample) and hasattr(m, "time_conv"):
+                w, b = m.time_conv.weight, m.time_conv.bias  # (out, in, 3, 1, 1)
+                w.zero_()
+                b.zero_()
+                eye = torch.eye(w.shape[1])
+                if m.mode == "downsample3d":
+                    w[:, :, 1, 0, 0] = 0.5 * eye
+                    w[:, :, 2, 0, 0] = 0.5 * eye
+                else:
+                    w[: w.shape[1], :, 2, 0, 0] = eye
+                    w[w.shape[1] :, :, 2, 0, 0] = eye
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(self.encoder(x))[:, : self.z_dim]
