@@ -120,3 +120,23 @@ def test_world_generation_through_comfy(comfy):
     }
     result = runtime.run_workflow(prompt)
     assert len(result.outputs["8"]["images"]) == 5
+
+
+@needs_weights
+def test_comfy_ksampler_equals_our_sampler(comfy):
+    """KSampler(euler, simple, CFG) on the shipped weights computes what usv_core.world.sampling
+    computes, so teacher numbers measured with our sampler on the GPU hold for ComfyUI's graph."""
+    nodes = comfy  # the fixture; the import below rebinds the name to ComfyUI's package
+    import comfy.sample
+
+    from usv_core.world.sampling import sample
+
+    model = nodes.UNETLoader().load_unet("usv_world_dit.safetensors", "default")[0]
+    prompt = nodes.NODE_CLASS_MAPPINGS["USVWorldPrompt"]
+    pos, neg = prompt.execute("a green triangle and a white square").result[0], prompt.execute("").result[0]
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 4)}
+    theirs = nodes.common_ksampler(model, 7, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+    noise = comfy.sample.prepare_noise(latent["samples"], 7)
+    with torch.no_grad():
+        ours = latent_norm(sample(weights.load_dit(), pos[0][0], neg[0][0], noise, steps=4, cfg=5.0), inverse=True)
+    assert rel_err(ours, theirs.float()) < 1e-3
