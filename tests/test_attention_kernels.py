@@ -118,6 +118,17 @@ def test_variable_block_sizes():
         assert rel_l2(a.grad, b.grad) <= 3e-2
 
 
+def test_wide_rows_fall_back_to_torch_selection(monkeypatch):
+    # more cubes than one program's registers hold: selection in torch, same lists and results
+    monkeypatch.setattr(ops, "MAX_SELECT_BLOCKS", 8)
+    grid = (5, 7, 9)
+    q, k, v = (rand(1, 2, math.prod(grid), 64) for _ in range(3))
+    gate = rand(1, 2, math.prod(grid), 64)
+    (out, h), (ref, h_ref) = both(vsa_attention, q, k, v, grid, 0.3, gate=gate, return_stats=True)
+    assert rel_l2(out, ref) <= 1e-2
+    assert torch.allclose(h, h_ref, atol=1e-4)
+
+
 def test_block_sparse_attention_uniform_blocks_and_tables():
     N, bs = 80, 32  # 3 blocks of 32, 32, 16 tokens
     q, k, v = (rand(2, 1, N, 64, dtype=torch.float16) for _ in range(3))

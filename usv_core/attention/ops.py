@@ -37,7 +37,8 @@ def _new(shape, dtype, device):
 
 
 def set_kernel_config(fwd=None, bwd=None):
-    """Override launch parameters (num_warps, num_stages); used by the benchmark's sweep."""
+    """Override launch parameters (num_warps, num_stages; KB = key blocks per forward step);
+    used by the benchmark's sweep."""
     if fwd:
         _FWD_CONFIG.update(fwd)
     if bwd:
@@ -70,25 +71,18 @@ def _patch_interpreter():
 
 def _kernels():
     _patch_interpreter()
-    from . import triton_bwd, triton_fwd, triton_pool, triton_select
+    from . import triton_bwd, triton_fwd, triton_pool, triton_scores, triton_select
 
-    return triton_pool, triton_select, triton_fwd, triton_bwd
+    return triton_pool, triton_scores, triton_select, triton_fwd, triton_bwd
 
 
 def _empty(device):
     return torch.empty(0, dtype=torch.int32, device=device)
 
 
-def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
-
-
 # ---------------------------------------------------------------------------------- selection
 def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats):
-    pool_mod, select_mod, _, _ = _kernels()
-    from . import triton_scores as scores_mod
+    pool_mod, scores_mod, select_mod, _, _ = _kernels()
 
     B, H, _, D = q.shape
     C = sizes.numel()
@@ -111,10 +105,10 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
     coarse = _new((B, H, C, D) if with_coarse else (0,), torch.float32, dev)
     ent = _new((B, H, C) if with_stats else (0,), torch.float32, dev)
     scores = _new((B, H, C, C), torch.float32, dev)
-    scores_mod.scores_kernel[(triton_cdiv(C, 32), triton_cdiv(C, 32), B * H)](
+    scores_mod.scores_kernel[(_cdiv(C, 32), _cdiv(C, 32), B * H)](
         qc, kc, scores, C, scale, HEAD_DIM=D, BM=32, BN=32, BK=32, num_warps=4,
     )
-    cpad = max(32, triton_next_pow2(C))
+    cpad = max(32, _next_pow2(C))
     if cpad > MAX_SELECT_BLOCKS:
         # rows too wide for one program's registers: torch does what the kernel would (same tie rule)
         from .reference import select_blocks
@@ -137,17 +131,17 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
     return idx, cnt, coarse, ent
 
 
-def triton_next_pow2(n):
+def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def triton_cdiv(a, b):
+def _cdiv(a, b):
     return -(-int(a) // int(b))
 
 
 # ---------------------------------------------------------------------------------- attention
 def _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
-    _, _, fwd_mod, _ = _kernels()
+    _, _, _, fwd_mod, _ = _kernels()
     B, H, N, D = q.shape
     nqb = sizes.numel()
     o = _new(q.shape, q.dtype, q.device)
@@ -178,7 +172,7 @@ def transpose_lists(idx, cnt, num_blocks):
 
 
 def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, scale):
-    _, _, _, bwd_mod = _kernels()
+    _, _, _, _, bwd_mod = _kernels()
     B, H, N, D = q.shape
     nb = sizes.numel()
     do = do.contiguous()
@@ -245,7 +239,8 @@ def _register():
     @bsa_fwd.register_fake
     def _(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
         B, H, N, _ = q.shape
-        return torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32)
+        # contiguous, like the real outputs (empty_like would copy q's strides)
+        return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=torch.float32)
 
     @torch.library.custom_op("usv::bsa_bwd", mutates_args=())
     def bsa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -256,7 +251,7 @@ def _register():
 
     @bsa_bwd.register_fake
     def _(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 _register()
