@@ -8,7 +8,10 @@ Rows of a block are found in one of two ways (USE_TABLE):
   reads raster-ordered tensors directly (each cube is 16 runs of 4 contiguous tokens, every row a
   contiguous head_dim vector, so the loads stay 16-byte wide) and serves variable block sizes;
 - as BLOCK consecutive rows starting at block * BLOCK, the first SIZES[block] of them real.
-Missing keys get -inf logits; missing query rows are never stored.
+Missing keys get -inf logits; missing query rows are never stored. Row offsets inside one
+(batch, head) are 32-bit (the wrapper guarantees they fit): 64-bit offset tensors cost ~100 more
+bytes of register spills per thread. KB key blocks per step (1 or 2) is a launch option; on the
+H100 sweep one block per step (4 warps, 2 stages) was fastest.
 
 The row log-sum-exp (base 2, in units of the scaled logits) is stored per token for the backward.
 """
