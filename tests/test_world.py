@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from usv_core.world import COLOR_NAMES, SHAPES, make_batch, make_clip, parse_caption, sample_scene, score, score_details, tracks
 from usv_core.world.text import CaptionEncoder
 
-SEEDS = list(range(100, 110))
+SEEDS = list(range(100, 108))
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +62,30 @@ def test_score_real_clips_high(real):
 def test_score_noise_low(real):
     _, captions = real
     g = torch.Generator().manual_seed(0)
-    noise = [score(torch.rand(33, 256, 256, 3, generator=g), c) for c in captions[:3]]
-    gauss = [score((0.5 + 0.3 * torch.randn(33, 256, 256, 3, generator=g)).clamp(0, 1), c) for c in captions[3:6]]
+    noise = [score(torch.rand(33, 256, 256, 3, generator=g), c) for c in captions[:2]]
+    gauss = [score((0.5 + 0.3 * torch.randn(33, 256, 256, 3, generator=g)).clamp(0, 1), c) for c in captions[2:4]]
     assert np.mean(noise) <= 0.3 and np.mean(gauss) <= 0.3, (noise, gauss)
 
 
 def test_score_wrong_caption_lower(real):
     frames, captions = real
     own = [score(f, c) for f, c in zip(frames, captions)]
-    other = [score(f, captions[(i + 5) % len(captions)]) for i, f in enumerate(frames)]
+    other = [score(f, captions[(i + 3) % len(captions)]) for i, f in enumerate(frames)]
     assert np.mean(other) <= 0.6 and np.mean(other) < np.mean(own) - 0.3, (own, other)
 
 
 def test_score_checks_motion(real):
     frames, captions = real
-    still = [score(f[:1].expand(33, -1, -1, -1), c) for f, c in zip(frames[:4], captions[:4])]
-    shuffled = [score(f[torch.randperm(33, generator=torch.Generator().manual_seed(1))], c) for f, c in zip(frames[:4], captions[:4])]
+    still = [score(f[:1].expand(33, -1, -1, -1), c) for f, c in zip(frames[:3], captions[:3])]
+    shuffled = [score(f[torch.randperm(33, generator=torch.Generator().manual_seed(1))], c) for f, c in zip(frames[:3], captions[:3])]
     assert max(still) < 0.8 and np.mean(shuffled) < 0.8, (still, shuffled)
 
 
 def test_score_other_sizes_and_frame_counts(real):
     frames, captions = real
     # what a model might produce instead: 17 frames at 240 x 240, or 9 frames at 64 x 96
-    a = [score(F.interpolate(f[::2].permute(0, 3, 1, 2), size=(240, 240), mode="bilinear").permute(0, 2, 3, 1), c) for f, c in zip(frames[:4], captions[:4])]
-    b = [score(F.interpolate(f[::4].permute(0, 3, 1, 2), size=(64, 96), mode="area").permute(0, 2, 3, 1), c) for f, c in zip(frames[:4], captions[:4])]
+    a = [score(F.interpolate(f[::2].permute(0, 3, 1, 2), size=(240, 240), mode="bilinear").permute(0, 2, 3, 1), c) for f, c in zip(frames[:3], captions[:3])]
+    b = [score(F.interpolate(f[::4].permute(0, 3, 1, 2), size=(64, 96), mode="area").permute(0, 2, 3, 1), c) for f, c in zip(frames[:3], captions[:3])]
     assert np.mean(a) >= 0.9 and np.mean(b) >= 0.8, (a, b)
     assert score(frames[0][:1], captions[0]) <= 0.5  # one frame shows no motion
     details = score_details(frames[0].numpy(), captions[0])  # numpy works too
