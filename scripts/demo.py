@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=float, default=0.25, help="USV Sparse Attention: share of key cubes kept")
-    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--frames", type=int, default=17, help="video length (4k + 1 frames)")
     p.add_argument("--size", type=int, default=256, help="width and height in pixels")
     p.add_argument("--out", default=os.path.join("output", "usv_demo.mp4"), help="where the video goes")
     return p.parse_args(argv)
