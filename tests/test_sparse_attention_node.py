@@ -235,3 +235,29 @@ def test_server_runs_a_workflow_with_sparse_attention(comfy_server, tiny_wan):
     }
     entry = comfy_server.wait(comfy_server.queue(prompt))
     assert "USV can patch it" in entry["outputs"]["3"]["text"][0]
+
+
+def test_lora_models_keep_working(run_workflow, comfy_nodes, tiny_wan, conds):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(9)
+    lora = {}
+    for i in range(LAYERS):
+        for name in ("self_attn.q", "self_attn.k", "ffn.0"):
+            out_dim = 512 if name == "ffn.0" else 256
+            lora[f"diffusion_model.blocks.{i}.{name}.lora_up.weight"] = 0.05 * torch.randn(out_dim, 4, generator=gen)
+            lora[f"diffusion_model.blocks.{i}.{name}.lora_down.weight"] = 0.05 * torch.randn(4, 256, generator=gen)
+    save_file(lora, runtime.model_path("loras", "tiny_wan_lora.safetensors"))
+    with_lora = lambda model: {"extra": {"class_type": "LoraLoaderModelOnly", "inputs": {  # noqa: E731
+        "model": model, "lora_name": "tiny_wan_lora.safetensors", "strength_model": 1.0}}}
+
+    base = sampled(run_workflow(graph(tiny_wan, conds)))
+    lora_only = sampled(run_workflow(graph(tiny_wan, conds, extra=with_lora)))
+    assert not torch.allclose(base, lora_only, atol=1e-4), "the LoRA changed nothing"
+    # LoRA after USV in the graph: its weight patches and USV's call-time patches both apply
+    dense_usv = sampled(run_workflow(graph(tiny_wan, conds, usv={"keep": 1.0, "dense_steps": 0}, extra=with_lora)))
+    assert torch.equal(dense_usv, lora_only)
+    sparse = run_workflow(graph(tiny_wan, conds, usv={"keep": 0.25, "dense_steps": 0}, extra=with_lora))
+    assert torch.isfinite(sampled(sparse)).all()
+    patch = sparse.output("extra").model_options["transformer_options"]["usv_patch"]
+    assert patch.last_run.paths()["sparse"] == 3 * LAYERS
