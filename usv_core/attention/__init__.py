@@ -12,10 +12,12 @@ from .api import (
     vsa_attention,
     vsa_attention_blocked,
 )
+from .joint import vsa_attention_joint
 
 __all__ = [
     "vsa_attention",
     "vsa_attention_blocked",
+    "vsa_attention_joint",
     "block_sparse_attention",
     "supports",
     "TRITON_DTYPES",
