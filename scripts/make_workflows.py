@@ -1,0 +1,90 @@
+"""Writes the shareable workflows in workflows/ from API-format graphs, so that their widget order
+always matches the nodes (tests/test_workflows.py checks and runs every file there).
+
+.venv/bin/python scripts/make_workflows.py
+"""
+
+import json
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OUT = os.path.join(ROOT, "workflows")
+
+WORLD_NOTES = """## USV World: text to video on the embedded model
+
+Runs on a CPU in minutes with the pack's own tiny Wan 2.1 (models/ of the pack, listed in the
+loaders). Prompts name 1-3 objects: a colour (red, green, blue, yellow, white, purple) and a shape
+(circle, square, triangle). USV Sparse Attention and USV Token Merge sit between the loader and the
+sampler; set keep to 1 and ratio to 0 to get the dense teacher."""
+
+FASTWAN_NOTES = """## FastWan 2.1 T2V 1.3B with USV: 3 steps, sparse attention with its trained gate
+
+Files: diffusion_models/FastWan2.1-T2V-1.3B_bf16.safetensors (FastVideo's FastWan2.1-T2V-1.3B,
+converted to ComfyUI's layout), text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors,
+vae/wan_2.1_vae.safetensors. FastWan was distilled with VSA at 80% sparsity: keep 0.2 on every
+step, and gate_weights names the same checkpoint so that its to_gate_compress weights drive the
+coarse branch. USV DMD Sigmas (fastwan-3step) and USV DMD Sampler do the 3 steps, no CFG."""
+
+
+def world_prompt() -> dict:
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "usv_world_dit.safetensors", "weight_dtype": "default"}},
+        "usv": {"class_type": "USVSparseAttention", "inputs": {"model": ["unet", 0], "keep": 0.25, "dense_steps": 1,
+                                                               "dense_blocks": "", "cube": "4x4x4", "gate_weights": "none"}},
+        "merge": {"class_type": "USVTokenMerge", "inputs": {"model": ["usv", 0], "ratio": 0.5, "dense_steps": 1,
+                                                            "blocks": "", "metric": "keys"}},
+        "pos": {"class_type": "USVWorldPrompt", "inputs": {"prompt": "a red circle and a blue square"}},
+        "neg": {"class_type": "USVWorldPrompt", "inputs": {"prompt": ""}},
+        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 256, "height": 256, "length": 33, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["merge", 0], "seed": 0, "steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "usv_world_vae.safetensors"}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
+        "video": {"class_type": "CreateVideo", "inputs": {"images": ["decode", 0], "fps": 16.0}},
+        "save": {"class_type": "SaveVideo", "inputs": {"video": ["video", 0], "filename_prefix": "usv_world",
+                                                       "format": "auto", "codec": "auto"}},
+    }
+
+
+def fastwan_prompt(nodes) -> dict:
+    from harness.ui_workflow import ui_to_api
+
+    with open(os.path.join(OUT, "fastwan_t2v_1.3b_dmd.json")) as f:
+        prompt = ui_to_api(nodes, json.load(f))
+    unet = next(k for k, v in prompt.items() if v["class_type"] == "UNETLoader")
+    name = prompt[unet]["inputs"]["unet_name"]
+    prompt["usv"] = {"class_type": "USVSparseAttention", "inputs": {
+        "model": [unet, 0], "keep": 0.2, "dense_steps": 0, "dense_blocks": "", "cube": "4x4x4", "gate_weights": name}}
+    for key, v in prompt.items():
+        if key != "usv":
+            for inp, value in v["inputs"].items():
+                if value == [unet, 0]:
+                    v["inputs"][inp] = ["usv", 0]
+    return prompt
+
+
+def main() -> int:
+    from harness import runtime
+    from harness.ui_workflow import api_to_ui
+
+    logging.disable(logging.WARNING)
+    nodes = runtime.boot()
+    logging.disable(logging.NOTSET)
+    files = {
+        "usv_world_t2v.json": api_to_ui(nodes, world_prompt(), WORLD_NOTES),
+        "fastwan_t2v_1.3b_usv.json": api_to_ui(nodes, fastwan_prompt(nodes), FASTWAN_NOTES),
+    }
+    for name, wf in files.items():
+        with open(os.path.join(OUT, name), "w") as f:
+            json.dump(wf, f, indent=1)
+            f.write("\n")
+        print("wrote", os.path.join("workflows", name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
