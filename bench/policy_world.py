@@ -1,0 +1,152 @@
+"""Entropy policy vs static budget vs dense on the USV World model, through ComfyUI's own nodes
+(UNETLoader, USVWorldPrompt, USVSparseAttention + USVTokenMerge with one USVPolicy, KSampler
+euler/simple with CFG, VAE decode). Same seeds for every configuration; for each: world score,
+fidelity to the dense video of the same seed (PSNR of decoded frames, relative L2 of latents),
+the estimated work share from the run's own records (USV Report's cost model), seconds per video
+on this machine, and the policy's host time per step. Writes bench/results/policy_world.json.
+
+    .venv/bin/python bench/policy_world.py [--prompts 3] [--steps 10] [--frames 17] [--budgets 0.5 0.3]
+
+On the CPU, sparse attention runs the exact PyTorch reference (not faster than dense attention):
+the seconds measure this machine, the work share what the kernels would skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PROMPTS = ["a red circle and a blue square", "a yellow triangle", "a green square, a white circle and a purple triangle",
+           "a blue circle and a red triangle", "a white square and a yellow circle"]
+
+
+def configs(budgets, early):
+    out = [("dense", None, None)]
+    for b in budgets:
+        out.append((f"static@{b:g}", b, dict(mode="static")))
+        out.append((f"entropy@{b:g}", b, dict(mode="entropy", gamma=1.0)))
+        if early:
+            out.append((f"entropy+early@{b:g}", b, dict(mode="entropy", gamma=1.0, early=early)))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--frames", type=int, default=17, help="video frames (4k+1); latent frames = (frames-1)/4+1")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--keep-floor", type=float, default=0.02)
+    p.add_argument("--merge-cap", type=float, default=0.5)
+    p.add_argument("--refresh", type=int, default=2)
+    p.add_argument("--early", type=float, default=0.0)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "policy_world.json"))
+    a = p.parse_args()
+
+    import torch
+    from harness import runtime
+
+    runtime.boot()
+    import nodes
+
+    from usv_core.policy import PolicyConfig
+    from usv_core.world import score_details
+
+    report_mod = runtime.pack_module("nodes.report")
+    usv_patch = runtime.pack_module("nodes.usv_patch")
+    sparse_node = nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
+    merge_node = nodes.NODE_CLASS_MAPPINGS["USVTokenMerge"]
+    prompt_node = nodes.NODE_CLASS_MAPPINGS["USVWorldPrompt"]
+
+    base = nodes.UNETLoader().load_unet("usv_world_dit.safetensors", "default")[0]
+    vae = nodes.VAELoader().load_vae("usv_world_vae.safetensors")[0]
+    neg = prompt_node.execute("").result[0]
+    lat_frames = (a.frames - 1) // 4 + 1
+    latent = {"samples": torch.zeros(1, 16, lat_frames, a.size // 8, a.size // 8)}
+
+    rows, dense_cache = [], {}
+    for name, budget, kw in configs(a.budgets, a.early):
+        if budget is None:
+            model = base
+        else:
+            cfg = PolicyConfig(budget=budget, refresh=a.refresh, **kw)
+            model = sparse_node.execute(base, a.keep_floor, 1, "", "4x4x4", "none", cfg).result[0]
+            model = merge_node.execute(model, a.merge_cap, 1, "", "keys", cfg).result[0]
+        per = []
+        for i, prompt in enumerate(PROMPTS[: a.prompts]):
+            pos = prompt_node.execute(prompt).result[0]
+            t0 = time.perf_counter()
+            samples = nodes.KSampler().sample(model, 100 + i, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
+                                              denoise=1.0)[0]["samples"]
+            t1 = time.perf_counter()
+            frames = vae.decode(samples)
+            frames = frames.reshape(-1, *frames.shape[-3:]).float().clamp(0, 1)
+            t2 = time.perf_counter()
+            s = score_details(frames, prompt)["score"]
+            row = {"prompt": prompt, "world_score": s, "sample_seconds": t1 - t0, "decode_seconds": t2 - t1}
+            if budget is None:
+                dense_cache[i] = (samples, frames)
+            else:
+                ds, df = dense_cache[i]
+                mse = float(((frames - df) ** 2).mean())
+                row["psnr_vs_dense_db"] = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
+                row["latent_rel_l2_vs_dense"] = float((samples - ds).norm() / ds.norm())
+                patch = usv_patch.get_patch(model)
+                run = patch.last_run
+                _, text = report_mod.report(model)
+                ran = {(st, b) for (st, b, _p) in run.calls if b >= 0}
+                from usv_core import telemetry
+
+                layers = len(model.model.diffusion_model.blocks)
+                t = telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
+                n = telemetry.summary_numbers(t, cfg.attention_share)
+                # the controlled steps only (step 0 is dense for every configuration)
+                tc = {k: v[:, 1:] for k, v in t.items()}
+                nc = telemetry.summary_numbers(tc, cfg.attention_share)
+                row.update(work_share_run=n["work"], work_share_controlled=nc["work"], attended=nc["attended"],
+                           tokens_kept=nc["tokens"], policy_decisions=len(run.policy.refreshed_at),
+                           policy_seconds=run.policy.seconds,
+                           policy_share_of_step=run.policy.seconds / ((t1 - t0) / a.steps) / a.steps,
+                           report=text)
+            per.append(row)
+            print(name, json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+        keys = [k for k in per[0] if isinstance(per[0][k], float)]
+        summary = {k: sum(r[k] for r in per) / len(per) for k in keys}
+        summary["seconds_per_video"] = summary["sample_seconds"] + summary["decode_seconds"]
+        rows.append({"config": name, "budget": budget, "mean": summary, "per_prompt": per})
+
+    res = {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "model": "USV World (models/diffusion_models/usv_world_dit.safetensors)",
+        "path": "ComfyUI 0.3.75 in process: UNETLoader -> USVSparseAttention + USVTokenMerge (policy) -> KSampler "
+                "euler/simple -> VAE decode",
+        "settings": vars(a) | {"out": os.path.relpath(a.out, ROOT)},
+        "notes": "step 0 is dense in every configuration; work_share_controlled is the cost model's share over "
+                 "steps 1.., work_share_run over all steps; seconds are CPU seconds with the PyTorch reference "
+                 "for sparse attention (no speedup expected on the CPU)",
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    for r in rows:
+        m = r["mean"]
+        print(f"{r['config']:>20}: world {m['world_score']:.3f}  psnr {m.get('psnr_vs_dense_db', float('inf')):.2f}  "
+              f"work {m.get('work_share_controlled', 1.0):.3f}  s/video {m['seconds_per_video']:.1f}")
+
+
+if __name__ == "__main__":
+    import torch
+
+    with torch.no_grad():
+        main()
