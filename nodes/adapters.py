@@ -4,6 +4,7 @@ module, so that ComfyUI versions that lack a family still load the pack."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -67,7 +68,9 @@ def _wan(dm, config_name: str) -> ModelFacts:
 
 def _hunyuan(dm, config_name: str) -> ModelFacts:
     heads = int(dm.num_heads)
-    variant = {"HunyuanVideo": "t2v", "HunyuanVideoI2V": "i2v", "HunyuanVideoSkyreelsI2V": "skyreels i2v"}.get(config_name)
+    variant = {"HunyuanVideo": "t2v", "HunyuanVideoI2V": "i2v", "HunyuanVideoSkyreelsI2V": "skyreels i2v",
+               "HunyuanVideo15": "1.5", "HunyuanVideo15_SR_Distilled": "1.5 super-resolution",
+               "HunyuanImage21": "image 2.1", "HunyuanImage21Refiner": "image 2.1 refiner"}.get(config_name)
     return _check(family="HunyuanVideo", variant=variant, patch_size=tuple(int(p) for p in dm.patch_size),
                   layers=len(dm.double_blocks) + len(dm.single_blocks), heads=heads,
                   head_dim=int(dm.hidden_size) // heads)
@@ -165,7 +168,41 @@ class LTXVAdapter:
         return [("double_block", i) for i in range(len(dm.transformer_blocks))]
 
 
-_ADAPTERS = {"Wan 2.1": WanAdapter, "Wan 2.2": WanAdapter, "LTX-Video": LTXVAdapter}
+class HunyuanAdapter:
+    """HunyuanVideo: x (B, C, T, H, W) patchified by its patch size (padded up) into a raster grid;
+    a reference latent (ref_latent) puts tokens before it. Every double and single block runs one
+    joint self-attention over the image tokens followed by the text tokens (the double blocks
+    concatenate image first, the single blocks run on cat(img, txt)); the token refiner's
+    text-only attention runs before any block. Image-only models of the family (2-D patch) get a
+    grid of one frame."""
+
+    name = "HunyuanVideo"
+    text_suffix = True  # attention calls carry text tokens after the grid, attended densely
+
+    @staticmethod
+    def _grid(sizes, patch):
+        if len(patch) == 2:  # image models: one frame
+            sizes, patch = (1,) + tuple(sizes), (1,) + tuple(patch)
+        return tuple(_ceil_div(n, p) for n, p in zip(sizes, patch))
+
+    @staticmethod
+    def token_layout(dm, a: dict):
+        x = a.get("x")
+        patch = tuple(int(p) for p in dm.patch_size)
+        if x is None or len(patch) not in (2, 3) or x.ndim != 2 + len(patch):
+            return None
+        grid = HunyuanAdapter._grid(x.shape[2:], patch)
+        ref = a.get("ref_latent")
+        prefix = math.prod(HunyuanAdapter._grid(ref.shape[2:], patch)) if ref is not None else 0
+        return grid, prefix
+
+    @staticmethod
+    def block_keys(dm):
+        return ([("double_block", i) for i in range(len(dm.double_blocks))]
+                + [("single_block", i) for i in range(len(dm.single_blocks))])
+
+
+_ADAPTERS = {"Wan 2.1": WanAdapter, "Wan 2.2": WanAdapter, "HunyuanVideo": HunyuanAdapter, "LTX-Video": LTXVAdapter}
 
 
 def adapter_for(model):
@@ -173,11 +210,8 @@ def adapter_for(model):
     facts = describe(model)
     adapter = _ADAPTERS.get(facts.family)
     if adapter is None or not facts.supported:
-        why = facts.reason
-        if facts.family == "HunyuanVideo":
-            why = "HunyuanVideo's joint image-text attention is not served yet"
         raise ValueError(
-            f"USV cannot patch this model ({facts.family}{', ' + facts.variant if facts.variant else ''}): {why}. "
-            f"Supported: Wan 2.1 / 2.2 (t2v, i2v, ti2v 5B) and LTX-Video."
+            f"USV cannot patch this model ({facts.family}{', ' + facts.variant if facts.variant else ''}): {facts.reason}. "
+            f"Supported: Wan 2.1 / 2.2 (t2v, i2v, ti2v 5B), HunyuanVideo and LTX-Video."
         )
     return facts, adapter

@@ -75,7 +75,8 @@ class SparseAttention:
         if prun is not None and prun.wants_entropy(ctx.step):
             from ..usv_core.policy import coarse_entropy
 
-            h = coarse_entropy(call.q, call.k, ctx.grid, self.cube, block_sizes=ctx.block_sizes)
+            n = ctx.grid_tokens if ctx.block_sizes is None else call.q_len  # text after the grid is not scored
+            h = coarse_entropy(call.q[:, :, :n], call.k[:, :, :n], ctx.grid, self.cube, block_sizes=ctx.block_sizes)
             ctx.patch.run.entropy[(ctx.step, ctx.block)] = h
             prun.observe(ctx.block, h)
         return None
@@ -92,8 +93,9 @@ class SparseAttention:
         with torch.no_grad():
             ctx.gate = gate_for_block(self.gates, ctx.block, block, args["img"], args["vec"], block.self_attn.num_heads)
 
-    def attend(self, ctx: CallContext, call: AttentionCall):
-        """The attention output, or None to run this call dense (the counters say why)."""
+    def attend(self, ctx: CallContext, call: AttentionCall, text: int = 0):
+        """The attention output, or None to run this call dense (the counters say why).
+        text: tokens after the grid (HunyuanVideo's joint attention), attended and attending densely."""
         run = ctx.patch.run
         prun = None
         if self.policy is not None:
@@ -120,10 +122,13 @@ class SparseAttention:
             ctx.patch.warn_once("support:" + reason, f"sparse attention cannot serve {reason}; running it dense")
             run.count(ctx.step, ctx.block, "dense:unsupported")
             return None
-        from ..usv_core.attention import vsa_attention, vsa_attention_blocked
+        from ..usv_core.attention import vsa_attention, vsa_attention_blocked, vsa_attention_joint
 
         gate = ctx.gate if ctx.gate is not None and ctx.gate.shape == call.q.shape else None
-        if ctx.block_sizes is not None:
+        if text:
+            out, entropy = vsa_attention_joint(call.q, call.k, call.v, ctx.grid, keep, cube=self.cube,
+                                               text_tokens=text, return_stats=True)
+        elif ctx.block_sizes is not None:
             out, entropy = vsa_attention_blocked(call.q, call.k, call.v, ctx.block_sizes, keep, gate=gate,
                                                  return_stats=True)
         else:

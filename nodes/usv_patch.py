@@ -49,6 +49,7 @@ class CallContext:
     merge_plan: object = None  # the token-merging plan this call's blocks share
     merge_plans: dict = field(default_factory=dict)  # ratio -> plan, when a policy varies the ratio by block
     num_steps: int = 0  # steps of the running schedule (0: unknown)
+    zero_masks: dict = field(default_factory=dict)  # id(mask) -> (mask, all zeros?): one check per call
 
     @property
     def grid_tokens(self) -> int:
@@ -190,8 +191,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     opts["optimized_attention_override"] = AttentionOverride(opts.get("optimized_attention_override"))
     replace = dict(opts.get("patches_replace", {}))
     dit = dict(replace.get("dit", {}))
-    for key in patch.adapter.block_keys(executor.class_obj):
-        dit[key] = BlockHook(key, dit.get(key))
+    # a block's index is its position in the adapter's list: HunyuanVideo's single blocks follow
+    # its double blocks, so dense_blocks, statistics and the policy see one numbering
+    for index, key in enumerate(patch.adapter.block_keys(executor.class_obj)):
+        dit[key] = BlockHook(key, dit.get(key), index)
     replace["dit"] = dit
     opts["patches_replace"] = replace
     bound.arguments["transformer_options"] = opts
@@ -202,9 +205,9 @@ class BlockHook:
     """A per-block replacement that marks which block runs, lets features act around it, and
     chains the replacement that was there before."""
 
-    def __init__(self, key, previous):
+    def __init__(self, key, previous, index=None):
         self.key = key
-        self.index = key[1] if key[0] == "double_block" else None
+        self.index = index
         self.previous = previous
 
     def _inner(self, args, extra):
@@ -254,20 +257,46 @@ class AttentionOverride:
             return self.delegate(func, args, kwargs)
         call = _parse_attention_call(args, kwargs)
         expected = ctx.merged_tokens if ctx.merged_tokens is not None else ctx.grid_tokens + ctx.prefix
-        # The first attention call of a block is its self-attention (Wan, LTX-Video); cross-attention
-        # has keys from the text, and masks or foreign shapes mean a call USV does not model.
-        if (ctx.calls_in_block != 1 or call is None or call.mask is not None
-                or call.q_len != expected or call.k_len != expected):
+        # Joint attention (HunyuanVideo) carries text tokens after the grid in the same call.
+        text = 0
+        if (call is not None and getattr(ctx.patch.adapter, "text_suffix", False) and ctx.merged_tokens is None
+                and call.q_len > expected):
+            text = call.q_len - expected
+        # The first attention call of a block is its self-attention (Wan, LTX-Video, HunyuanVideo);
+        # cross-attention has keys from the text, and foreign shapes mean a call USV does not model.
+        if (ctx.calls_in_block != 1 or call is None
+                or call.q_len != expected + text or call.k_len != expected + text):
             ctx.patch.run.count(ctx.step, ctx.block, "declined")
+            return self.delegate(func, args, kwargs)
+        if call.mask is not None and not (text and _all_zeros(ctx, call.mask)):
+            # an all-zero additive mask (HunyuanVideo without padded text) changes nothing; any
+            # other mask (padded text) is a call the sparse path does not model
+            if text:
+                ctx.patch.warn_once("mask", f"{ctx.patch.adapter.name}: an attention mask (padded text) makes "
+                                            "these calls run dense")
+                ctx.patch.run.count(ctx.step, ctx.block, "dense:mask")
+            else:
+                ctx.patch.run.count(ctx.step, ctx.block, "declined")
             return self.delegate(func, args, kwargs)
         if ctx.prefix:
             ctx.patch.warn_once("prefix", "tokens outside the video grid (reference latents) make these calls run dense")
             ctx.patch.run.count(ctx.step, ctx.block, "dense:prefix")
             return self.delegate(func, args, kwargs)
-        out = feature.attend(ctx, call)
+        out = feature.attend(ctx, call, text=text)
         if out is None:
             return self.delegate(func, args, kwargs)
         return out
+
+
+def _all_zeros(ctx: CallContext, mask) -> bool:
+    """Whether an additive attention mask is all zeros; checked once per mask tensor and call."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
+        return False
+    hit = ctx.zero_masks.get(id(mask))
+    if hit is None or hit[0] is not mask:
+        hit = (mask, not bool(mask.any()))
+        ctx.zero_masks[id(mask)] = hit
+    return hit[1]
 
 
 @dataclass
