@@ -171,3 +171,17 @@ def test_padded_text_runs_dense_with_one_warning(comfy_nodes, hunyuan, caplog):
     patched = node.execute(hunyuan, 0.25, 0, "", "4x4x4").result[0]
     sample(patched, steps=2, mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long), cfg=1.0)
     assert last_run(patched).paths()["sparse"] == 2 * 2
+
+
+def test_policy_scores_grid_cubes_only_and_other_nodes_refuse(comfy_nodes, hunyuan):
+    nodes = comfy_nodes.NODE_CLASS_MAPPINGS
+    policy = nodes["USVPolicy"].execute(0.5, 1.0, 1, "entropy", 0.0).result[0]
+    patched = nodes["USVSparseAttention"].execute(hunyuan, 0.05, 1, "", "4x4x4", "none", policy).result[0]
+    assert torch.isfinite(sample(patched)).all()
+    run = last_run(patched)
+    # the dense step's entropy is measured on the grid part of the joint calls, for both blocks
+    assert {b for (s, b) in run.entropy if s == 0} == {0, 1}
+    assert all(((h >= 0) & (h <= 1)).all() for h in run.entropy.values())
+    assert {(s, b) for (s, b, p) in run.calls if p in ("sparse", "dense:policy")} == {(s, b) for s in (1, 2) for b in (0, 1)}
+    with pytest.raises(ValueError, match="supports Wan 2.1 / 2.2 models; this is HunyuanVideo"):
+        nodes["USVTokenMerge"].execute(hunyuan, 0.5, 1, "", "keys")
