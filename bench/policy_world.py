@@ -27,11 +27,13 @@ PROMPTS = ["a red circle and a blue square", "a yellow triangle", "a green squar
            "a blue circle and a red triangle", "a white square and a yellow circle"]
 
 
-def configs(budgets, early):
+def configs(budgets, early, power):
     out = [("dense", None, None)]
     for b in budgets:
         out.append((f"static@{b:g}", b, dict(mode="static")))
         out.append((f"entropy@{b:g}", b, dict(mode="entropy", gamma=1.0)))
+        if power:
+            out.append((f"entropy-power@{b:g}", b, dict(mode="entropy", gamma=1.0, weight="power")))
         if early:
             out.append((f"entropy+early@{b:g}", b, dict(mode="entropy", gamma=1.0, early=early)))
     return out
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("--merge-cap", type=float, default=0.5)
     p.add_argument("--refresh", type=int, default=2)
     p.add_argument("--early", type=float, default=0.0)
+    p.add_argument("--power", action="store_true", help="also the (1 - h) ** gamma weight rule")
+    p.add_argument("--no-decode", action="store_true", help="latent error only (no VAE decode, no world score)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "policy_world.json"))
     a = p.parse_args()
 
@@ -74,7 +78,7 @@ def main() -> None:
     latent = {"samples": torch.zeros(1, 16, lat_frames, a.size // 8, a.size // 8)}
 
     rows, dense_cache = [], {}
-    for name, budget, kw in configs(a.budgets, a.early):
+    for name, budget, kw in configs(a.budgets, a.early, a.power):
         if budget is None:
             model = base
         else:
@@ -88,17 +92,20 @@ def main() -> None:
             samples = nodes.KSampler().sample(model, 100 + i, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
                                               denoise=1.0)[0]["samples"]
             t1 = time.perf_counter()
-            frames = vae.decode(samples)
-            frames = frames.reshape(-1, *frames.shape[-3:]).float().clamp(0, 1)
-            t2 = time.perf_counter()
-            s = score_details(frames, prompt)["score"]
-            row = {"prompt": prompt, "world_score": s, "sample_seconds": t1 - t0, "decode_seconds": t2 - t1}
+            frames = None
+            row = {"prompt": prompt, "sample_seconds": t1 - t0}
+            if not a.no_decode:
+                frames = vae.decode(samples)
+                frames = frames.reshape(-1, *frames.shape[-3:]).float().clamp(0, 1)
+                row["decode_seconds"] = time.perf_counter() - t1
+                row["world_score"] = score_details(frames, prompt)["score"]
             if budget is None:
                 dense_cache[i] = (samples, frames)
             else:
                 ds, df = dense_cache[i]
-                mse = float(((frames - df) ** 2).mean())
-                row["psnr_vs_dense_db"] = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
+                if frames is not None:
+                    mse = float(((frames - df) ** 2).mean())
+                    row["psnr_vs_dense_db"] = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
                 row["latent_rel_l2_vs_dense"] = float((samples - ds).norm() / ds.norm())
                 patch = usv_patch.get_patch(model)
                 run = patch.last_run
@@ -121,7 +128,7 @@ def main() -> None:
             print(name, json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
         keys = [k for k in per[0] if isinstance(per[0][k], float)]
         summary = {k: sum(r[k] for r in per) / len(per) for k in keys}
-        summary["seconds_per_video"] = summary["sample_seconds"] + summary["decode_seconds"]
+        summary["seconds_per_video"] = summary["sample_seconds"] + summary.get("decode_seconds", 0.0)
         rows.append({"config": name, "budget": budget, "mean": summary, "per_prompt": per})
 
     res = {
@@ -141,7 +148,8 @@ def main() -> None:
         json.dump(res, f, indent=1)
     for r in rows:
         m = r["mean"]
-        print(f"{r['config']:>20}: world {m['world_score']:.3f}  psnr {m.get('psnr_vs_dense_db', float('inf')):.2f}  "
+        print(f"{r['config']:>20}: world {m.get('world_score', float('nan')):.3f}  "
+              f"psnr {m.get('psnr_vs_dense_db', float('inf')):.2f}  latent err {m.get('latent_rel_l2_vs_dense', 0.0):.3f}  "
               f"work {m.get('work_share_controlled', 1.0):.3f}  s/video {m['seconds_per_video']:.1f}")
 
 

@@ -84,8 +84,9 @@ class USVPolicy(io.ComfyNode):
                 "One budget of dense work, spent where attention is spread. Connect to the 'policy' input of "
                 "USV Sparse Attention and/or USV Token Merge: their own keep / ratio become caps, and every "
                 "layer, head and step gets keep and merge ratios from the normalised entropy h of its coarse "
-                "attention, weight (1 - h)^gamma: concentrated heads are pruned harder, spread heads keep more, "
-                "and the estimated work matches the budget (attention ~71% of a Wan block's FLOPs at 480p)."
+                "attention over C key cubes, weight 1 - C^(-gamma (1 - h)) (the share of cubes a head does not "
+                "need): concentrated heads are pruned harder, spread heads keep more, and the estimated work "
+                "matches the budget (attention ~71% of a Wan block's FLOPs at 480p)."
             ),
             inputs=[
                 io.Float.Input("budget", default=0.25, min=core.MIN_BUDGET, max=1.0, step=0.01,

@@ -164,6 +164,7 @@ def test_static_run_never_asks_for_measurements():
     ({"refresh": 1.5}, "refresh must be a whole number"),
     ({"mode": "greedy"}, "mode must be one of"),
     ({"early": 2.0}, "early must be in"),
+    ({"weight": "linear"}, "weight must be one of"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -194,3 +195,25 @@ def test_tables_summary_and_heatmap():
     img = telemetry.heatmap([t["entropy"], t["keep"], t["tokens"]])
     assert img.shape[0] == 1 and img.shape[-1] == 3 and img.dtype == torch.float32
     assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+def test_full_budget_is_dense():
+    limits = Limits.uniform(3, 2, keep=(0.05, 1.0), merge=(0.0, 0.5), num_cubes=16)
+    a = allocate(np.full((3, 2), 0.3), 1.0, limits)
+    assert (a.keep == 1.0).all() and (a.merge == 0.0).all() and a.work == 1.0
+    assert a.layer_keep(0) == 1.0
+
+
+def test_weight_rules_order_heads_alike_and_perplexity_is_gentler():
+    h = np.array([[0.38, 0.9, 0.55, 0.75]])
+    limits = Limits.uniform(1, 4, keep=(0.02, 1.0), num_cubes=32)
+    ppl = allocate(h, 0.7, limits, weight="perplexity")
+    power = allocate(h, 0.7, limits, weight="power")
+    for a in (ppl, power):
+        assert list(np.argsort(a.keep[0], kind="stable")) == [0, 2, 3, 1]  # keep grows with entropy
+        assert a.work == pytest.approx(0.7, abs=0.01)
+    # the perplexity weight saturates: the most concentrated head keeps more than under (1 - h)
+    assert ppl.keep[0, 0] > power.keep[0, 0]
+    # without a cube count the perplexity rule is the power rule
+    nocubes = Limits.uniform(1, 4, keep=(0.02, 1.0))
+    np.testing.assert_array_equal(allocate(h, 0.5, nocubes).keep, allocate(h, 0.5, nocubes, weight="power").keep)

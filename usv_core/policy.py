@@ -4,7 +4,11 @@ The normalised entropy h in [0, 1] of a head's coarse (cube-level) attention say
 is: a head with low h puts its mass on a few key cubes and loses little when the rest are
 skipped; a head with h near 1 needs most of them. Each (layer, head) gets the weight
 
-    w = max((1 - h) ** gamma, 1e-3)   (normalised to mean 1 over the heads the policy may change)
+    w = max(1 - C ** (-gamma * (1 - h)), 1e-3)   (C key cubes; normalised to mean 1 over the
+                                                   heads the policy may change)
+
+(the share of key cubes a head does not need: C ** h cubes is its attention's perplexity; to first
+order this is gamma * ln C * (1 - h), and weight="power" uses (1 - h) ** gamma itself)
 
 and the work that is skipped is handed out in proportion to w, under one pressure c >= 0:
 
@@ -41,7 +45,7 @@ import torch
 __all__ = [
     "MODES", "MIN_BUDGET", "MERGE_PER_SKIP", "MERGE_STEP", "WAN_1_3B_480P_ATTENTION_SHARE",
     "PolicyConfig", "Limits", "Allocation", "allocate", "work_share", "step_budget", "attention_share",
-    "coarse_entropy", "PolicyRun",
+    "coarse_entropy", "PolicyRun", "WEIGHTS",
 ]
 
 MODES = ("entropy", "static")
@@ -57,6 +61,7 @@ MERGE_STEP = 0.1
 WAN_1_3B_480P_ATTENTION_SHARE = 0.71
 _SOLVE_ROUNDS = 3
 WEIGHT_FLOOR = 1e-3
+WEIGHTS = ("perplexity", "power")
 
 
 def attention_share(dim: int, ffn_dim: int, tokens: int, text_tokens: int = 512) -> float:
@@ -80,6 +85,7 @@ class PolicyConfig:
     mode: str = "entropy"
     early: float = 0.0  # first controlled step gets budget * (1 + early), the last budget * (1 - early)
     attention_share: float = WAN_1_3B_480P_ATTENTION_SHARE
+    weight: str = "perplexity"  # how entropy becomes a weight (see _weights); "power" = (1 - h) ** gamma
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
@@ -93,6 +99,8 @@ class PolicyConfig:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if not isinstance(self.early, (int, float)) or not (0.0 <= float(self.early) <= 1.0):
             raise ValueError(f"early must be in [0, 1], got {self.early!r}")
+        if self.weight not in WEIGHTS:
+            raise ValueError(f"weight must be one of {list(WEIGHTS)}, got {self.weight!r}")
         if not isinstance(self.attention_share, (int, float)) or not (0.0 < float(self.attention_share) < 1.0):
             raise ValueError(f"attention_share must be in (0, 1), got {self.attention_share!r}")
 
@@ -240,8 +248,22 @@ def _round_keep(keep: np.ndarray, lo: np.ndarray, hi: np.ndarray, cubes: int) ->
     return n / cubes
 
 
+def _weights(h: np.ndarray, gamma: float, weight: str, num_cubes: int | None) -> np.ndarray:
+    """How much of its attention each head can give up, from its normalised entropy h.
+
+    perplexity: 1 - C ** (-gamma * (1 - h)). A head with entropy h spreads its mass over about
+    C ** h of the C key cubes (its perplexity), a share C ** (h - 1); the weight is the share it
+    does not need, so at pressure 1 (before normalisation) every head keeps its perplexity share.
+    To first order in (1 - h) it is gamma * ln(C) * (1 - h): the power rule with gamma = 1.
+    power: (1 - h) ** gamma.
+    Without a cube count (num_cubes None) the perplexity rule falls back to the power rule."""
+    if weight == "perplexity" and num_cubes:
+        return 1.0 - float(num_cubes) ** (-float(gamma) * (1.0 - h))
+    return (1.0 - h) ** float(gamma)
+
+
 def allocate(entropy, budget: float, limits: Limits, gamma: float = 1.0, mode: str = "entropy",
-             attention_share: float = WAN_1_3B_480P_ATTENTION_SHARE) -> Allocation:
+             attention_share: float = WAN_1_3B_480P_ATTENTION_SHARE, weight: str = "perplexity") -> Allocation:
     """keep per (layer, head) and merge ratio per layer whose estimated work is `budget`.
 
     entropy: (layers, heads) normalised coarse entropy in [0, 1], or None (uniform weights).
@@ -250,6 +272,8 @@ def allocate(entropy, budget: float, limits: Limits, gamma: float = 1.0, mode: s
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if weight not in WEIGHTS:
+        raise ValueError(f"weight must be one of {list(WEIGHTS)}, got {weight!r}")
     if not (MIN_BUDGET <= float(budget) <= 1.0):
         raise ValueError(f"budget must be in [{MIN_BUDGET}, 1], got {budget!r}")
     L, H = limits.layers, limits.heads
@@ -264,7 +288,7 @@ def allocate(entropy, budget: float, limits: Limits, gamma: float = 1.0, mode: s
             raise ValueError(f"entropy must be (layers, heads) = ({L}, {H}), got {h.shape}")
         # the small floor lets perfectly spread heads (h = 1) give way once every other head has
         # reached its limit, so the budget is met whenever the limits allow it
-        w = np.maximum((1.0 - np.clip(h, 0.0, 1.0)) ** float(gamma), WEIGHT_FLOOR)
+        w = np.maximum(_weights(np.clip(h, 0.0, 1.0), gamma, weight, limits.num_cubes), WEIGHT_FLOOR)
     free_keep = keep_hi > keep_lo
     free_merge = merge_hi > merge_lo
     wk = _normalised(w, np.broadcast_to(free_keep[:, None], (L, H)))
@@ -382,7 +406,7 @@ class PolicyRun:
         entropy = None if cfg.mode == "static" else self._entropy_table(lim.layers, lim.heads)
         early = cfg.early if cfg.mode == "entropy" else 0.0
         budget = step_budget(cfg.budget, step, self.first_step, max(self.first_step, num_steps - 1), early)
-        alloc = allocate(entropy, budget, lim, cfg.gamma, cfg.mode, cfg.attention_share)
+        alloc = allocate(entropy, budget, lim, cfg.gamma, cfg.mode, cfg.attention_share, cfg.weight)
         self._current, self._decided_at = alloc, step
         self.decisions[step] = alloc
         self.refreshed_at.append(step)
