@@ -280,6 +280,11 @@ def allocate(entropy, budget: float, limits: Limits, gamma: float = 1.0, mode: s
     keep_lo, keep_hi = np.asarray(limits.keep_lo, np.float64), np.asarray(limits.keep_hi, np.float64)
     merge_lo, merge_hi = np.asarray(limits.merge_lo, np.float64), np.asarray(limits.merge_hi, np.float64)
     provisional = entropy is None and mode != "static"
+    if limits.num_cubes:
+        # the least a head can keep is one whole cube: solve with the floor the kernels will apply
+        cubes = int(limits.num_cubes)
+        keep_lo = np.maximum(1.0, np.ceil(keep_lo * cubes - 1e-6)) / cubes
+        keep_hi = np.maximum(keep_lo, keep_hi)
     if mode == "static" or entropy is None or gamma == 0:
         w = np.ones((L, H))
     else:
