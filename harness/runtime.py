@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import logging
 import os
 import sys
 import tempfile
@@ -183,5 +182,3 @@ def run_workflow(prompt: dict, outputs: tuple[str, ...] = ("sample",), executor=
         raise WorkflowError(f"workflow failed: {detail}")
     return RunResult(outputs=executor.history_result["outputs"], messages=executor.status_messages, executor=executor)
 
-
-logging.getLogger("usv.harness").addHandler(logging.NullHandler())

@@ -17,7 +17,6 @@ touched. Callbacks only count steps and close a run's statistics.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 from collections import Counter
@@ -350,10 +349,3 @@ def _parse_attention_call(args, kwargs) -> AttentionCall | None:
     if q.shape != k.shape or k.shape != v.shape:
         return None
     return AttentionCall(q, k, v, heads, values.get("mask"), bool(values.get("skip_output_reshape", False)))
-
-
-def clone_feature(feature, **changes):
-    out = copy.copy(feature)
-    for k, v in changes.items():
-        setattr(out, k, v)
-    return out

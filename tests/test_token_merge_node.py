@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness import runtime, test_nodes, tiny_models
-from test_sparse_attention_node import graph, latent_of, sampled
+from test_sparse_attention_node import graph, sampled
 
 LAYERS = 4
 
