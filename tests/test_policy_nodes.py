@@ -182,3 +182,38 @@ def test_bad_settings_are_clear_errors(comfy_nodes):
     acc = comfy_nodes.NODE_CLASS_MAPPINGS["USVAccelerate"]
     with pytest.raises(ValueError, match="speed must be a whole number from 1"):
         acc.execute(None, 11)
+
+
+@pytest.mark.server
+def test_frontend_shows_node_text_without_saving_it(comfy_server):
+    """web/usv_report.js: the text USV Report / USV Accelerate send to the UI appears on the node,
+    and is not stored in the workflow's widget values."""
+    import test_frontend
+
+    if test_frontend.CHROMIUM is None:
+        pytest.skip("needs Debian's chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=test_frontend.CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(comfy_server.url, wait_until="networkidle", timeout=120_000)
+        page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+        out = page.evaluate("""() => {
+            const res = {};
+            for (const type of ["USVReport", "USVAccelerate"]) {
+                const node = LiteGraph.createNode(type);
+                window.app.graph.add(node);
+                node.onExecuted({text: ["attended share: 12.5%"]});
+                const w = node.widgets.find(w => w.name === "usv_text");
+                res[type] = {value: w && w.value, saved: node.serialize().widgets_values || []};
+            }
+            return res;
+        }""")
+        browser.close()
+    assert out["USVReport"]["value"] == "attended share: 12.5%"
+    assert out["USVAccelerate"]["value"] == "attended share: 12.5%"
+    assert "attended share: 12.5%" not in out["USVReport"]["saved"]
+    assert out["USVAccelerate"]["saved"][0] == 3 and "attended share: 12.5%" not in out["USVAccelerate"]["saved"]
+    assert errors == []
