@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--keep-floor", type=float, default=0.02)
-    p.add_argument("--merge-cap", type=float, default=0.5)
+    p.add_argument("--merge-cap", type=float, default=0.75)
     p.add_argument("--refresh", type=int, default=2)
     p.add_argument("--early", type=float, default=0.0)
     p.add_argument("--power", action="store_true", help="also the (1 - h) ** gamma weight rule")
@@ -115,13 +115,14 @@ def main() -> None:
 
                 layers = len(model.model.diffusion_model.blocks)
                 t = telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
-                n = telemetry.summary_numbers(t, cfg.attention_share)
+                share = run.policy.config.attention_share  # this model at this grid (nodes/policy.py)
+                n = telemetry.summary_numbers(t, share)
                 # the controlled steps only (step 0 is dense for every configuration)
                 tc = {k: v[:, 1:] for k, v in t.items()}
-                nc = telemetry.summary_numbers(tc, cfg.attention_share)
+                nc = telemetry.summary_numbers(tc, share)
                 row.update(work_share_run=n["work"], work_share_controlled=nc["work"], attended=nc["attended"],
                            tokens_kept=nc["tokens"], policy_decisions=len(run.policy.refreshed_at),
-                           policy_seconds=run.policy.seconds,
+                           policy_seconds=run.policy.seconds, attention_share=share,
                            policy_share_of_step=run.policy.seconds / ((t1 - t0) / a.steps) / a.steps,
                            report=text)
             per.append(row)

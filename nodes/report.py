@@ -8,29 +8,18 @@ from comfy_api.latest import io
 
 from ..usv_core import telemetry
 from ..usv_core.policy import WAN_1_3B_480P_ATTENTION_SHARE, attention_share
+from .policy import model_dims
 from .usv_patch import get_patch
-
-
-def _model_dims(model):
-    """(layers, dim, ffn_dim) of a Wan or LTX-Video model inside a ModelPatcher, None where unknown."""
-    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-    blocks = getattr(dm, "blocks", None) or getattr(dm, "transformer_blocks", None)
-    if dm is None or blocks is None:
-        return None, None, None
-    dim = getattr(dm, "dim", None) or getattr(dm, "inner_dim", None)
-    ffn = None
-    for mod in blocks[0].modules():
-        if type(mod).__name__ == "Linear" and getattr(mod, "in_features", None) == dim and mod.out_features > dim:
-            ffn = mod.out_features  # the first widening projection is the FFN's
-            break
-    return len(blocks), dim, ffn
 
 
 def report(model) -> tuple[object, str]:
     """(IMAGE, summary) of the model's last run."""
     patch = get_patch(model)
     run = patch.last_run if patch is not None else None
-    layers, dim, ffn = _model_dims(model)
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    blocks = getattr(dm, "blocks", None) or getattr(dm, "transformer_blocks", None)
+    layers = len(blocks) if blocks is not None else None
+    dim, ffn = model_dims(dm) if dm is not None else (None, None)
     if run is None or not run.steps or not layers:
         why = "this model has no USV patch" if patch is None else "no sampling run has finished with this model yet"
         return telemetry.heatmap([telemetry.tables(1, max(1, layers or 1), [], {}, {}, {})["keep"]]), f"USV report: {why}."
@@ -57,6 +46,12 @@ def report(model) -> tuple[object, str]:
         lines.append(f"policy: {c.mode}, budget {c.budget:.2f}, gamma {c.gamma:g}, refresh {c.refresh}, "
                      f"{len(pr.refreshed_at)} decisions (steps {', '.join(map(str, pr.refreshed_at))}), "
                      f"{pr.seconds * 1e3:.1f} ms")
+        if pr.decisions:
+            reached = sum(a.work for a in pr.decisions.values()) / len(pr.decisions)
+            target = sum(a.target for a in pr.decisions.values()) / len(pr.decisions)
+            note = "" if reached <= target + 0.02 else "; the caps (keep floor, merge cap, blocks) stop it there"
+            lines.append(f"policy reached {reached:.1%} of dense work per controlled step (target {target:.1%}, "
+                         f"attention {c.attention_share:.0%} of FLOPs){note}")
     lines.append("heatmap: layers (rows, top = first) by steps (columns); panels: entropy | keep | tokens kept; "
                  "dark = low, bright = high, grey = not measured")
     image = telemetry.heatmap([t["entropy"], t["keep"], t["tokens"]])

@@ -82,7 +82,9 @@ def test_new_inputs_come_after_the_released_ones(comfy_nodes):
 
 
 def test_entropy_policy_spends_the_budget_and_reports_it(run_workflow, wan4, conds, latent):
-    steps, budget = 3, 0.3
+    # attention is ~22% of this tiny model's FLOPs at 512 tokens (the policy uses the model's own
+    # share), so 0.7 needs both sparse attention and merging
+    steps, budget = 3, 0.7
     result = run_workflow(policy_graph(wan4, conds, latent, budget=budget, steps=steps, report=True),
                           outputs=("sample", "merge", "report"))
     assert torch.isfinite(sampled(result)).all()
@@ -120,12 +122,13 @@ def test_entropy_policy_spends_the_budget_and_reports_it(run_workflow, wan4, con
     t = telemetry.tables(run.steps, LAYERS, ran, run.entropy, run.keep, run.merged)
     assert f"attended share: {np.nanmean(t['keep']):.1%}" in text
     assert f"{np.nanmean(t['tokens']):.1%} of tokens kept" in text
-    assert "policy: entropy, budget 0.30" in text and "steps 1, 2" in text
+    assert "policy: entropy, budget 0.70" in text and "steps 1, 2" in text
+    assert pr.config.attention_share == pytest.approx(0.22, abs=0.01)
     assert result.outputs["report"]["text"] == [text] or result.outputs["report"]["text"] == (text,)
 
 
 def test_static_mode_is_uniform(run_workflow, wan4, conds, latent):
-    result = run_workflow(policy_graph(wan4, conds, latent, mode="static", budget=0.3, refresh=2),
+    result = run_workflow(policy_graph(wan4, conds, latent, mode="static", budget=0.7, refresh=2),
                           outputs=("sample", "merge"))
     run = last_run(result, "merge")
     assert not any(s == 0 for (s, b) in run.entropy)  # static never measures dense steps
@@ -165,9 +168,15 @@ def test_accelerate_with_the_dmd_sampler_and_report(run_workflow, wan4, conds, l
     assert run.policy.refreshed_at == [1, 3]  # refresh 2 from the first controlled step
     paths = run.paths()
     assert paths["sparse"] > 0 and paths["merged"] > 0
-    assert all(run.policy.decisions[s].work == pytest.approx(0.25, abs=0.03) for s in (1, 2, 3))
+    # budget 0.25 is beyond this 4-block model's reach (first and last blocks never merge, attention
+    # is ~22% of its FLOPs): the policy saturates at the least work its caps allow, and says so
+    from usv_core.policy import MIN_BUDGET, allocate
+
+    floor = allocate(None, MIN_BUDGET, run.policy._limits, attention_share=run.policy.config.attention_share).work
+    assert all(run.policy.decisions[s].work == pytest.approx(floor, abs=0.02) for s in (1, 2, 3))
     text = result.output("report", 1)
     assert "USV run: 4 steps x 4 blocks" in text and "policy: entropy, budget 0.25" in text
+    assert "the caps (keep floor, merge cap, blocks) stop it there" in text
     assert "about 4.0x faster" in result.outputs["acc"]["text"][0]
 
 
