@@ -105,7 +105,7 @@ class USVPolicy(io.ComfyNode):
                 "layer, head and step gets keep and merge ratios from the normalised entropy h of its coarse "
                 "attention over C key cubes, weight 1 - C^(-gamma (1 - h)) (the share of cubes a head does not "
                 "need): concentrated heads are pruned harder, spread heads keep more, and the estimated work "
-                "matches the budget (attention ~71% of a Wan block's FLOPs at 480p)."
+                "matches the budget (cost model: attention vs linear FLOPs of this model at this size)."
             ),
             inputs=[
                 io.Float.Input("budget", default=0.25, min=core.MIN_BUDGET, max=1.0, step=0.01,
