@@ -115,7 +115,10 @@ def _keep_counts(keep, B, H, C, device):
         return torch.full((B, H), n, dtype=torch.int32, device=device), n
     if not isinstance(keep, torch.Tensor):
         raise ValueError(f"keep must be a float in (0, 1] or a tensor of ratios, got {type(keep).__name__}")
-    kt = keep.detach().to(device=device, dtype=torch.float64)
+    on_host = keep.device.type == "cpu"
+    # Ratios that live on the host (a policy's decisions) are checked and counted there: the
+    # kernels then get their counts without a device sync.
+    kt = keep.detach().to(device="cpu" if on_host else device, dtype=torch.float64)
     if kt.dim() == 0:
         kt = kt.expand(B, H)
     elif kt.dim() == 1 and kt.shape[0] == H:
@@ -127,11 +130,14 @@ def _keep_counts(keep, B, H, C, device):
                          f"for B={B}, heads={H}")
     n = torch.clamp(torch.ceil(kt * C - 1e-6), 1, C)
     bad = ~((kt > 0) & (kt <= 1))  # NaN is bad too
-    # one host sync: validity and the list width together
+    # on the device, one host sync: validity and the list width together
     nbad, kmax = (int(x) for x in torch.stack([bad.sum().double(), n.max()]).tolist())
     if nbad:
         raise ValueError("keep ratios must all be in (0, 1]")
-    return n.to(torch.int32).contiguous(), kmax
+    counts = n.to(torch.int32).contiguous()
+    if on_host and torch.device(device).type != "cpu":
+        counts = counts.pin_memory().to(device, non_blocking=True)
+    return counts, kmax
 
 
 def _last_dim_contiguous(t):
