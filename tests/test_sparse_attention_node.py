@@ -150,8 +150,8 @@ class CountingOverride:
         return self
 
 
-def test_previous_override_is_called_for_what_usv_declines(run_workflow, comfy_nodes, tiny_wan, conds):
-    counting = CountingOverride()
+def install_override_node(comfy_nodes, name, override):
+    """Register a node that, like another pack's patch node, puts `override` on a model clone."""
 
     class InstallOverride:
         @classmethod
@@ -164,13 +164,19 @@ def test_previous_override_is_called_for_what_usv_declines(run_workflow, comfy_n
 
         def patch(self, model):
             m = model.clone()
-            m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = counting
+            m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
             return (m,)
 
-    comfy_nodes.NODE_CLASS_MAPPINGS["TestInstallOverride"] = InstallOverride
+    comfy_nodes.NODE_CLASS_MAPPINGS[name] = InstallOverride
+    return name
+
+
+def test_previous_override_is_called_for_what_usv_declines(run_workflow, comfy_nodes, tiny_wan, conds):
+    counting = CountingOverride()
+    node = install_override_node(comfy_nodes, "TestInstallOverride", counting)
     # the other pack's node comes first in the graph, USV after it
     g = graph(tiny_wan, conds, usv={"keep": 0.25, "dense_steps": 1}, steps=3)
-    g["other"] = {"class_type": "TestInstallOverride", "inputs": {"model": ["unet", 0]}}
+    g["other"] = {"class_type": node, "inputs": {"model": ["unet", 0]}}
     g["usv"]["inputs"]["model"] = ["other", 0]
     result = run_workflow(g)
     stats = usv_stats(result)
@@ -181,23 +187,8 @@ def test_previous_override_is_called_for_what_usv_declines(run_workflow, comfy_n
 
 def test_other_packs_override_installed_after_usv_still_chains(run_workflow, comfy_nodes, tiny_wan, conds):
     counting = CountingOverride()
-
-    class InstallOverrideAfter:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"model": ("MODEL",)}}
-
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "patch"
-        CATEGORY = "_for_testing"
-
-        def patch(self, model):
-            m = model.clone()
-            m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = counting
-            return (m,)
-
-    comfy_nodes.NODE_CLASS_MAPPINGS["TestInstallOverrideAfter"] = InstallOverrideAfter
-    extra = lambda model: {"extra": {"class_type": "TestInstallOverrideAfter", "inputs": {"model": model}}}  # noqa: E731
+    node = install_override_node(comfy_nodes, "TestInstallOverrideAfter", counting)
+    extra = lambda model: {"extra": {"class_type": node, "inputs": {"model": model}}}  # noqa: E731
     result = run_workflow(graph(tiny_wan, conds, usv={"keep": 0.25, "dense_steps": 0}, extra=extra, steps=2))
     patch = result.output("extra").model_options["transformer_options"]["usv_patch"]
     assert patch.last_run.paths()["sparse"] == 2 * LAYERS
