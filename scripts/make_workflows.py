@@ -50,6 +50,26 @@ def world_prompt() -> dict:
     }
 
 
+POLICY_NOTES = """## USV World with the policy: one budget, and a report of where it went
+
+USV Policy hands one budget (the share of dense work each step keeps) out over layers and heads
+by how spread their attention is; USV Sparse Attention and USV Token Merge take it through their
+policy input, their own keep and ratio becoming caps. USV Report runs after sampling and shows
+entropy, keep and tokens kept per layer and step, with the estimated speedup."""
+
+
+def world_policy_prompt() -> dict:
+    g = world_prompt()
+    g["policy"] = {"class_type": "USVPolicy", "inputs": {"budget": 0.4, "gamma": 1.0, "refresh": 2,
+                                                         "mode": "entropy", "early": 0.0}}
+    g["usv"]["inputs"].update(keep=0.02, policy=["policy", 0])
+    g["merge"]["inputs"].update(policy=["policy", 0])
+    g["report"] = {"class_type": "USVReport", "inputs": {"model": ["merge", 0], "latent": ["sample", 0]}}
+    g["heatmap"] = {"class_type": "PreviewImage", "inputs": {"images": ["report", 0]}}
+    g["save"]["inputs"]["filename_prefix"] = "usv_world_policy"
+    return g
+
+
 def fastwan_prompt(nodes) -> dict:
     from harness.ui_workflow import ui_to_api
 
@@ -76,6 +96,7 @@ def main() -> int:
     logging.disable(logging.NOTSET)
     files = {
         "usv_world_t2v.json": api_to_ui(nodes, world_prompt(), WORLD_NOTES),
+        "usv_world_policy.json": api_to_ui(nodes, world_policy_prompt(), POLICY_NOTES),
         "fastwan_t2v_1.3b_usv.json": api_to_ui(nodes, fastwan_prompt(nodes), FASTWAN_NOTES),
     }
     for name, wf in files.items():
