@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .tiling import cube_tiling
+from .tiling import check_triple, cube_tiling
 
 __all__ = ["MergePlan", "plan_merge", "MAX_RATIO"]
 
@@ -47,16 +47,6 @@ MAX_RATIO = 0.9
 # t*4 + h*2 + w: each next corner is far from those already taken (000, then its opposite 111,
 # then the opposite pair 011/100, ...), so any prefix of the priority order is spread out.
 _CORNER_RANK = torch.tensor([0, 7, 5, 2, 3, 4, 6, 1])  # rank of corner c (inverse of 0,7,3,4,5,2,6,1)
-
-
-def _check_triple(name, value) -> Tuple[int, int, int]:
-    try:
-        t = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be three positive integers, got {value!r}") from None
-    if len(t) != 3 or any(v <= 0 for v in t):
-        raise ValueError(f"{name} must be three positive integers, got {value!r}")
-    return t
 
 
 def _destination_priority(pos: torch.Tensor, grid, cube) -> torch.Tensor:
@@ -340,8 +330,8 @@ def plan_merge(
         raise ValueError(f"metric must be a 3-D tensor (B, N, C), got {shape}")
     if not metric.is_floating_point():
         raise ValueError(f"metric must be a floating-point tensor, got {metric.dtype}")
-    grid = _check_triple("grid", grid)
-    cube = _check_triple("cube", cube)
+    grid = check_triple("grid", grid)
+    cube = check_triple("cube", cube)
     try:
         ratio = float(ratio)
     except (TypeError, ValueError):

@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "CubeTiling",
+    "check_triple",
     "cube_tiling",
     "blocked_layout",
     "BlockLayout",
@@ -72,7 +73,8 @@ class CubeTiling:
     layout: BlockLayout  # token_table holds raster indices: kernels read raster tensors directly
 
 
-def _check_triple(name, value):
+def check_triple(name, value) -> Tuple[int, int, int]:
+    """A (T, H, W)-like argument as three positive ints, or a ValueError naming it."""
     try:
         t = tuple(int(x) for x in value)
     except (TypeError, ValueError):
@@ -143,8 +145,8 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
 
 def cube_tiling(grid, cube=(4, 4, 4), device="cpu") -> CubeTiling:
     """The cube tiling of a (T, H, W) grid, cached per (grid, cube, device)."""
-    grid = _check_triple("grid", grid)
-    cube = _check_triple("cube", cube)
+    grid = check_triple("grid", grid)
+    cube = check_triple("cube", cube)
     return _cube_tiling_cached(grid, cube, str(torch.device(device)))
 
 
@@ -212,6 +214,6 @@ def from_cube_order(x: torch.Tensor, grid, cube=(4, 4, 4), dim: int = -2) -> tor
 
 
 def num_cubes(grid, cube=(4, 4, 4)) -> int:
-    grid = _check_triple("grid", grid)
-    cube = _check_triple("cube", cube)
+    grid = check_triple("grid", grid)
+    cube = check_triple("cube", cube)
     return math.prod(-(-g // c) for g, c in zip(grid, cube))

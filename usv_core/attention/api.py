@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ..tiling import BlockLayout, blocked_layout, cube_tiling, next_block
+from ..tiling import BlockLayout, blocked_layout, check_triple, cube_tiling, next_block
 from . import ops
 from .reference import block_sparse_reference, coarse_scores, pool_blocks, vsa_reference
 
@@ -187,12 +187,7 @@ def vsa_attention(q, k, v, grid, keep, cube=(4, 4, 4), gate=None, scale=None, *,
     Returns (B, heads, N, D) in raster order (and h when return_stats).
     """
     _check_qkv(q, k, v)
-    try:
-        g = tuple(int(x) for x in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be (T, H, W), got {grid!r}") from None
-    if len(g) != 3 or any(x <= 0 for x in g):
-        raise ValueError(f"grid must be three positive integers (T, H, W), got {grid!r}")
+    g = check_triple("grid", grid)
     if math.prod(g) != q.shape[2]:
         raise ValueError(f"grid {g} holds {math.prod(g)} tokens but q has N={q.shape[2]}")
     tiling = cube_tiling(g, cube, q.device)

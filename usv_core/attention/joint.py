@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..tiling import BlockLayout, cube_tiling, next_block
+from ..tiling import BlockLayout, check_triple, cube_tiling, next_block
 from . import ops
 from .api import _check_qkv, _keep_counts, _last_dim_contiguous, _resolve_backend, vsa_attention
 from .reference import block_sparse_reference, coarse_entropy, coarse_scores, select_blocks
@@ -101,12 +101,7 @@ def vsa_attention_joint(q, k, v, grid, keep, cube=(4, 4, 4), text_tokens=None, s
     Returns (B, heads, N + text_tokens, D) in the input order (and h when return_stats).
     """
     _check_qkv(q, k, v)
-    try:
-        g = tuple(int(x) for x in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be (T, H, W), got {grid!r}") from None
-    if len(g) != 3 or any(x <= 0 for x in g):
-        raise ValueError(f"grid must be three positive integers (T, H, W), got {grid!r}")
+    g = check_triple("grid", grid)
     G, N = math.prod(g), q.shape[2]
     L = N - G if text_tokens is None else int(text_tokens)
     if L < 0 or G + L != N:
