@@ -86,3 +86,27 @@ def text_conditioning(seed: int = 0, tokens: int = 8, batch: int = 1) -> torch.T
     """A stand-in for umT5 output: (batch, tokens, 4096)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, tokens, TEXT_DIM, generator=gen)
+
+
+def tiny_sd15(seed: int = 0):
+    """A ModelPatcher of a tiny SD1.5-style UNet (eps prediction, not flow matching), built from
+    ComfyUI's own classes with small deterministic weights: the model USV cannot patch."""
+    runtime.boot()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 768, "num_heads": 8, "num_head_channels": -1, "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+    }
+    model = comfy.supported_models.SD15(unet_config).get_model({}, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)  # ComfyUI skips weight init
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)

@@ -59,6 +59,24 @@ def tiny_vae(comfy):
 
 
 @pytest.fixture(scope="session")
+def wan4(comfy):
+    """File name of a tiny random Wan 2.1 T2V with 4 blocks: token merging's default blocks (all but
+    the first and the last) are then not empty."""
+    from harness import tiny_models
+
+    return tiny_models.tiny_wan_t2v(3, layers=4)
+
+
+@pytest.fixture(scope="session")
+def conds(comfy):
+    """Positive and negative conditioning tensors, stored for USVTestConditioning."""
+    from harness import test_nodes, tiny_models
+
+    return (test_nodes.put_tensor(tiny_models.text_conditioning(1)),
+            test_nodes.put_tensor(tiny_models.text_conditioning(2)))
+
+
+@pytest.fixture(scope="session")
 def run_workflow(comfy):
     """Validate and execute an API-format prompt through ComfyUI's executor."""
     from harness import runtime

@@ -202,29 +202,8 @@ def test_usv_dmd_is_not_patched_into_ksampler_and_lcm_covers_lightx2v(comfy, wan
 
 # --- a model that is not flow matching --------------------------------------------------------
 
-def tiny_sd15():
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": 768, "num_heads": 8, "num_head_channels": -1, "use_temporal_resblock": False,
-        "use_temporal_attention": False,
-    }
-    model = comfy.supported_models.SD15(unet_config).get_model({}, device=torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)  # ComfyUI skips weight init; give it small deterministic weights
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
 def test_eps_model_gets_its_own_sigmas_and_noising(comfy):
-    sd15 = tiny_sd15()
+    sd15 = tiny_models.tiny_sd15()
     ms = sd15.get_model_object("model_sampling")
     sigmas = dmd_sigmas(comfy, sd15, "custom", "1000, 750, 500, 250", 1.0)
     # Flow time t is ComfyUI's denoising percent 1 - t: discrete timestep t * 999.

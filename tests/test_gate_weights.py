@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import runtime, test_nodes, tiny_models
+from harness import runtime
 from test_sparse_attention_node import graph, sampled
 
 DIM, LAYERS = 256, 2
@@ -18,12 +18,6 @@ def write_gates(name, scale=0.05, dim=DIM, layers=LAYERS, prefix="blocks"):
         sd[f"{prefix}.{i}.attn1.to_gate_compress.bias"] = scale * torch.randn(dim, generator=gen)
     save_file(sd, runtime.model_path("diffusion_models", name))
     return name
-
-
-@pytest.fixture(scope="module")
-def conds(comfy):
-    return (test_nodes.put_tensor(tiny_models.text_conditioning(1)),
-            test_nodes.put_tensor(tiny_models.text_conditioning(2)))
 
 
 def with_gate(g, name):

@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-import torch
 
 from harness import runtime, tiny_models
 
@@ -32,26 +31,9 @@ def test_describes_deeper_wan_with_its_own_numbers(run_workflow, comfy):
     assert "layers: 3" in text and "heads: 3, head dim: 128" in text
 
 
-def _tiny_sd15_patcher():
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": 768, "num_heads": 8, "num_head_channels": -1, "use_temporal_resblock": False,
-        "use_temporal_attention": False,
-    }
-    config = comfy.supported_models.SD15(unet_config)
-    model = config.get_model({}, device=torch.device("cpu"))
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-
 def test_sd15_unet_is_reported_not_raised(comfy_nodes):
     node = comfy_nodes.NODE_CLASS_MAPPINGS["USVModelInfo"]
-    text = node.execute(_tiny_sd15_patcher()).result[0]
+    text = node.execute(tiny_models.tiny_sd15()).result[0]
     assert "architecture: unknown" in text
     assert "USV cannot patch it" in text
     assert "UNetModel" in text and "Wan 2.1" in text  # names what it got and what is supported

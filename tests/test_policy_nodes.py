@@ -5,22 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness import test_nodes, tiny_models
+from harness import test_nodes
 from test_sparse_attention_node import sampled
 
 LAYERS = 4
 HEADS = 2
-
-
-@pytest.fixture(scope="module")
-def wan4(comfy):
-    return tiny_models.tiny_wan_t2v(3, layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def conds(comfy):
-    return (test_nodes.put_tensor(tiny_models.text_conditioning(1)),
-            test_nodes.put_tensor(tiny_models.text_conditioning(2)))
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,6 @@ from harness import runtime, test_nodes, tiny_models
 LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def conds(comfy):
-    pos = test_nodes.put_tensor(tiny_models.text_conditioning(1))
-    neg = test_nodes.put_tensor(tiny_models.text_conditioning(2))
-    return pos, neg
-
-
 def latent_of(frames=3, height=16, width=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return test_nodes.put_tensor(torch.randn(1, 16, frames, height, width, generator=gen) * 0)
@@ -207,11 +200,9 @@ def test_bad_inputs_say_what_to_change(comfy_nodes, tiny_wan):
 
 
 def test_unsupported_model_gets_an_error_naming_the_families(comfy_nodes):
-    from test_model_info import _tiny_sd15_patcher
-
     node = comfy_nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     with pytest.raises(ValueError, match="Supported: Wan 2.1 / 2.2 .* LTX-Video"):
-        node.execute(_tiny_sd15_patcher(), 0.25, 1, "", "4x4x4")
+        node.execute(tiny_models.tiny_sd15(), 0.25, 1, "", "4x4x4")
 
 
 @pytest.mark.server

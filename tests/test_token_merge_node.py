@@ -3,21 +3,10 @@
 import pytest
 import torch
 
-from harness import runtime, test_nodes, tiny_models
+from harness import runtime
 from test_sparse_attention_node import graph, sampled
 
 LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def wan4(comfy):
-    return tiny_models.tiny_wan_t2v(3, layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def conds(comfy):
-    return (test_nodes.put_tensor(tiny_models.text_conditioning(1)),
-            test_nodes.put_tensor(tiny_models.text_conditioning(2)))
 
 
 def merge_node(model, ratio=0.5, dense_steps=1, blocks="", metric="keys"):
