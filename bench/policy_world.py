@@ -27,8 +27,29 @@ PROMPTS = ["a red circle and a blue square", "a yellow triangle", "a green squar
            "a blue circle and a red triangle", "a white square and a yellow circle"]
 
 
-def configs(budgets, early, power):
+def prompts(n: int) -> list[str]:
+    """The five above, then captions of held-out world clips (the teacher's evaluation seeds)."""
+    from usv_core.world.scene import make_batch
+    from usv_core.world.train import EVAL_SEED
+
+    extra = [make_batch([EVAL_SEED + i], size=16, frames=1)[1][0] for i in range(max(0, n - len(PROMPTS)))]
+    return (PROMPTS + extra)[:n]
+
+
+def fixed_config(spec: str) -> dict:
+    """'keep=0.5,merge=0.3,dense=10' -> fixed settings without a policy (missing parts: off)."""
+    out = dict(keep=1.0, merge=0.0, dense=1)
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise SystemExit(f"--fixed: unknown key {key!r} in {spec!r} (keys: keep, merge, dense)")
+        out[key] = type(out[key])(value)
+    return out
+
+
+def configs(budgets, early, power, fixed=()):
     out = [("dense", None, None)]
+    out += [(spec, None, fixed_config(spec)) for spec in fixed]
     for b in budgets:
         out.append((f"static@{b:g}", b, dict(mode="static")))
         out.append((f"entropy@{b:g}", b, dict(mode="entropy", gamma=1.0)))
@@ -46,12 +67,15 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--frames", type=int, default=17, help="video frames (4k+1); latent frames = (frames-1)/4+1")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.3])
     p.add_argument("--keep-floor", type=float, default=0.02)
     p.add_argument("--merge-cap", type=float, default=0.75)
     p.add_argument("--refresh", type=int, default=2)
+    p.add_argument("--dense-steps", type=int, default=1, help="steps run dense before the policy steers")
     p.add_argument("--early", type=float, default=0.0)
     p.add_argument("--power", action="store_true", help="also the (1 - h) ** gamma weight rule")
+    p.add_argument("--fixed", nargs="*", default=[], metavar="SPEC",
+                   help="fixed settings without a policy, e.g. keep=0.25 merge=0.5 keep=0.25,merge=0.5,dense=10")
     p.add_argument("--no-decode", action="store_true", help="latent error only (no VAE decode, no world score)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "policy_world.json"))
     a = p.parse_args()
@@ -59,14 +83,19 @@ def main() -> None:
     import torch
     from harness import runtime
 
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from wan_model import av_stand_in
+
+    av_stand_in()
     runtime.boot()
     import nodes
 
-    from usv_core.policy import PolicyConfig
+    from usv_core.policy import PolicyConfig, attention_share
     from usv_core.world import score_details
 
     report_mod = runtime.pack_module("nodes.report")
     usv_patch = runtime.pack_module("nodes.usv_patch")
+    policy_mod = runtime.pack_module("nodes.policy")
     sparse_node = nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     merge_node = nodes.NODE_CLASS_MAPPINGS["USVTokenMerge"]
     prompt_node = nodes.NODE_CLASS_MAPPINGS["USVWorldPrompt"]
@@ -77,16 +106,40 @@ def main() -> None:
     lat_frames = (a.frames - 1) // 4 + 1
     latent = {"samples": torch.zeros(1, 16, lat_frames, a.size // 8, a.size // 8)}
 
+    def write() -> None:  # after every configuration, so a run cut short keeps what it measured
+        res = {
+            "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+            "torch": torch.__version__,
+            "model": "USV World (models/diffusion_models/usv_world_dit.safetensors)",
+            "path": "ComfyUI 0.3.75 in process: UNETLoader -> USVSparseAttention + USVTokenMerge (policy) -> KSampler "
+                    "euler/simple -> VAE decode",
+            "settings": vars(a) | {"out": os.path.relpath(a.out, ROOT)},
+            "notes": "work_share_controlled is the cost model's share over the steps after the dense ones, "
+                     "work_share_run over all steps" + ("" if torch.cuda.is_available() else
+                     "; seconds are CPU seconds with the PyTorch reference for sparse attention (no speedup expected)"),
+            "results": rows,
+        }
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
     rows, dense_cache = [], {}
-    for name, budget, kw in configs(a.budgets, a.early, a.power):
-        if budget is None:
+    for name, budget, kw in configs(a.budgets, a.early, a.power, a.fixed):
+        if kw is None:
             model = base
+        elif budget is None:
+            model = base
+            if kw["keep"] < 1:
+                model = sparse_node.execute(model, kw["keep"], kw["dense"], "", "4x4x4", "none").result[0]
+            if kw["merge"] > 0:
+                model = merge_node.execute(model, kw["merge"], kw["dense"], "", "keys").result[0]
         else:
             cfg = PolicyConfig(budget=budget, refresh=a.refresh, **kw)
-            model = sparse_node.execute(base, a.keep_floor, 1, "", "4x4x4", "none", cfg).result[0]
-            model = merge_node.execute(model, a.merge_cap, 1, "", "keys", cfg).result[0]
+            model = sparse_node.execute(base, a.keep_floor, a.dense_steps, "", "4x4x4", "none", cfg).result[0]
+            model = merge_node.execute(model, a.merge_cap, a.dense_steps, "", "keys", cfg).result[0]
         per = []
-        for i, prompt in enumerate(PROMPTS[: a.prompts]):
+        for i, prompt in enumerate(prompts(a.prompts)):
             pos = prompt_node.execute(prompt).result[0]
             t0 = time.perf_counter()
             samples = nodes.KSampler().sample(model, 100 + i, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
@@ -99,7 +152,7 @@ def main() -> None:
                 frames = frames.reshape(-1, *frames.shape[-3:]).float().clamp(0, 1)
                 row["decode_seconds"] = time.perf_counter() - t1
                 row["world_score"] = score_details(frames, prompt)["score"]
-            if budget is None:
+            if kw is None:
                 dense_cache[i] = (samples, frames)
             else:
                 ds, df = dense_cache[i]
@@ -115,38 +168,28 @@ def main() -> None:
 
                 layers = len(model.model.diffusion_model.blocks)
                 t = telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
-                share = run.policy.config.attention_share  # this model at this grid (nodes/policy.py)
+                if run.policy is not None:
+                    share = run.policy.config.attention_share  # this model at this grid (nodes/policy.py)
+                else:
+                    share = attention_share(*policy_mod.model_dims(model.model.diffusion_model), run.grid[0] * run.grid[1] * run.grid[2])
                 n = telemetry.summary_numbers(t, share)
-                # the controlled steps only (step 0 is dense for every configuration)
-                tc = {k: v[:, 1:] for k, v in t.items()}
+                # the controlled steps only (the dense ones are the same for every configuration)
+                first = kw["dense"] if budget is None else a.dense_steps
+                tc = {k: v[:, first:] for k, v in t.items()}
                 nc = telemetry.summary_numbers(tc, share)
                 row.update(work_share_run=n["work"], work_share_controlled=nc["work"], attended=nc["attended"],
-                           tokens_kept=nc["tokens"], policy_decisions=len(run.policy.refreshed_at),
-                           policy_seconds=run.policy.seconds, attention_share=share,
-                           policy_share_of_step=run.policy.seconds / ((t1 - t0) / a.steps) / a.steps,
-                           report=text)
+                           tokens_kept=nc["tokens"], attention_share=share, report=text)
+                if run.policy is not None:
+                    row.update(policy_decisions=len(run.policy.refreshed_at), policy_seconds=run.policy.seconds,
+                               policy_share_of_step=run.policy.seconds / ((t1 - t0) / a.steps) / a.steps)
             per.append(row)
             print(name, json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
         keys = [k for k in per[0] if isinstance(per[0][k], float)]
         summary = {k: sum(r[k] for r in per) / len(per) for k in keys}
         summary["seconds_per_video"] = summary["sample_seconds"] + summary.get("decode_seconds", 0.0)
         rows.append({"config": name, "budget": budget, "mean": summary, "per_prompt": per})
+        write()
 
-    res = {
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "model": "USV World (models/diffusion_models/usv_world_dit.safetensors)",
-        "path": "ComfyUI 0.3.75 in process: UNETLoader -> USVSparseAttention + USVTokenMerge (policy) -> KSampler "
-                "euler/simple -> VAE decode",
-        "settings": vars(a) | {"out": os.path.relpath(a.out, ROOT)},
-        "notes": "step 0 is dense in every configuration; work_share_controlled is the cost model's share over "
-                 "steps 1.., work_share_run over all steps; seconds are CPU seconds with the PyTorch reference "
-                 "for sparse attention (no speedup expected on the CPU)",
-        "results": rows,
-    }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
     for r in rows:
         m = r["mean"]
         print(f"{r['config']:>20}: world {m.get('world_score', float('nan')):.3f}  "

@@ -29,7 +29,7 @@ SIZES = {
 }
 
 
-def _av_stand_in() -> None:
+def av_stand_in() -> None:
     """ComfyUI's API module imports PyAV for video I/O, which this benchmark never does; the GPU
     machine may lack the 35 MB wheel."""
     try:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    _av_stand_in()
+    av_stand_in()
     from harness import runtime
 
     logging.disable(logging.WARNING)
