@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--variants", default="dense,keep0.125,keep0.05",
-                   help="comma-separated: dense, keep<r>, merge<r>, keep<r>+merge<r>")
+                   help="comma-separated: dense, keep<r>, merge<r>, keep<r>+merge<r>, speed<s> (USV Accelerate)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
 
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     cond = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     attn = nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     merge = nodes.NODE_CLASS_MAPPINGS.get("USVTokenMerge")
+    accelerate = nodes.NODE_CLASS_MAPPINGS.get("USVAccelerate")
 
     results = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -149,6 +150,10 @@ def main(argv=None) -> int:
                 if merge is None:
                     raise SystemExit("USVTokenMerge is not in this checkout")
                 patcher = merge.execute(patcher, float(part[5:]), 0, "", "keys").result[0]
+            elif part.startswith("speed"):
+                if accelerate is None:
+                    raise SystemExit("USVAccelerate is not in this checkout")
+                patcher = accelerate.execute(patcher, int(part[5:])).result[0]
             elif part != "dense":
                 raise SystemExit(f"unknown variant part {part!r}")
         times = time_steps(patcher, latent, cond, args.steps, args.repeats, device)
@@ -159,6 +164,10 @@ def main(argv=None) -> int:
     if dense:
         for r in results:
             r["vs_dense"] = r["seconds_per_step"] / dense
+            if "speed" in r["variant"] and args.steps > 1:
+                # USV Accelerate runs its first step dense: the rest are the accelerated ones
+                acc = (args.steps * r["seconds_per_step"] - dense) / (args.steps - 1)
+                r.update(accelerated_seconds_per_step=acc, accelerated_vs_dense=acc / dense)
     report = {"benchmark": "wan_model", "card": card, "size": args.size, "tokens": T * (H // 2) * (W // 2),
               "dtype": str(dtype), "steps": args.steps, "torch": torch.__version__, "results": results,
               "date": time.strftime("%Y-%m-%d")}
