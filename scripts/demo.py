@@ -1,7 +1,8 @@
 """The main job: generate a video through the USV nodes in the real ComfyUI.
 
-With no GPU and no weights of your own it uses the embedded USV World model (models/); until
-those weights exist, a tiny random Wan stands in and the video is noise-like by design.
+With no GPU and no weights of your own it uses the embedded USV World model (models/) and
+prints the video's world score; without those files a tiny random Wan stands in and the video
+is noise-like by design.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", type=float, default=0.25, help="USV Sparse Attention: share of key cubes kept")
+    # keep 0.5 after a dense 30% of the steps matched the dense teacher's world score (bench/world.md)
+    p.add_argument("--keep", type=float, default=0.5, help="USV Sparse Attention: share of key cubes kept")
+    p.add_argument("--dense-steps", type=int, default=6, help="USV Sparse Attention: first steps run dense")
     p.add_argument("--frames", type=int, default=17, help="video length (4k + 1 frames)")
     p.add_argument("--size", type=int, default=256, help="width and height in pixels")
     p.add_argument("--out", default=os.path.join("output", "usv_demo.mp4"), help="where the video goes")
@@ -43,7 +46,7 @@ def build_prompt(args, nodes, unet: str, vae: str, world: bool) -> dict:
     model = ["unet", 0]
     if "USVSparseAttention" in nodes.NODE_CLASS_MAPPINGS:
         g["usv"] = {"class_type": "USVSparseAttention",
-                    "inputs": {"model": model, "keep": args.keep, "dense_steps": 1, "dense_blocks": "", "cube": "4x4x4"}}
+                    "inputs": {"model": model, "keep": args.keep, "dense_steps": args.dense_steps, "dense_blocks": "", "cube": "4x4x4"}}
         model = ["usv", 0]
     if world:
         g["pos"] = {"class_type": "USVWorldPrompt", "inputs": {"prompt": args.prompt}}
@@ -94,9 +97,14 @@ def main(argv=None) -> int:
     src = os.path.join(folder_paths.get_output_directory(), saved.get("subfolder", ""), saved["filename"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     shutil.copy(src, args.out)
-    frames = result.output("decode").shape[0]
-    print(f"usv demo: {frames} frames {args.size}x{args.size}, {seconds:.1f} s, model {model_name}, "
-          f"prompt {args.prompt!r} -> {args.out}")
+    video = result.output("decode")
+    quality = ""
+    if world:
+        from usv_core.world import score
+
+        quality = f", world score {score(video, args.prompt):.2f}"
+    print(f"usv demo: {video.shape[0]} frames {args.size}x{args.size}, {seconds:.1f} s, model {model_name}, "
+          f"prompt {args.prompt!r}{quality} -> {args.out}")
     return 0
 
 

@@ -140,3 +140,19 @@ def test_comfy_ksampler_equals_our_sampler(comfy):
     with torch.no_grad():
         ours = latent_norm(sample(weights.load_dit(), pos[0][0], neg[0][0], noise, steps=4, cfg=5.0), inverse=True)
     assert rel_err(ours, theirs.float()) < 1e-3
+
+
+@needs_weights
+def test_readme_main_command_generates_a_world_video(comfy, tmp_path, capsys):
+    """scripts/demo.py (what ./scripts/demo.sh runs) on the embedded model, through USV Sparse
+    Attention in ComfyUI's executor, small enough for the suite."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("usv_demo", os.path.join(os.path.dirname(__file__), "..", "scripts", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "demo.mp4"
+    assert demo.main(["--size", "64", "--frames", "5", "--steps", "3", "--dense-steps", "1", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("usv demo: 5 frames 64x64") and "model USV World (embedded)" in line
+    assert "world score " in line and out.stat().st_size > 1000
