@@ -1,11 +1,14 @@
-"""Entropy policy vs static budget vs dense on the USV World model, through ComfyUI's own nodes
-(UNETLoader, USVWorldPrompt, USVSparseAttention + USVTokenMerge with one USVPolicy, KSampler
-euler/simple with CFG, VAE decode). Same seeds for every configuration; for each: world score,
-fidelity to the dense video of the same seed (PSNR of decoded frames, relative L2 of latents),
-the estimated work share from the run's own records (USV Report's cost model), seconds per video
-on this machine, and the policy's host time per step. Writes bench/results/policy_world.json.
+"""Entropy policy vs static budget vs dense, and fixed settings without a policy, on the USV World
+model through ComfyUI's own nodes (UNETLoader, USVWorldPrompt, USVSparseAttention +
+USVTokenMerge with one USVPolicy, KSampler euler/simple with CFG, VAE decode). Same seeds for
+every configuration; for each: world score, fidelity to the dense video of the same seed (PSNR of
+decoded frames, relative L2 of latents), the estimated work share from the run's own records (USV
+Report's cost model), seconds per video on this machine, and the policy's host time per step.
+Writes bench/results/policy_world.json (--out to change).
 
     .venv/bin/python bench/policy_world.py [--prompts 3] [--steps 10] [--frames 17] [--budgets 0.5 0.3]
+    python3 bench/policy_world.py --prompts 24 --steps 50 --frames 33 --budgets 0.7 0.5 --power \
+        --dense-steps 15 --fixed keep=0.5,dense=15 merge=0.25,dense=15      # the GPU runs in docs/policy.md
 
 On the CPU, sparse attention runs the exact PyTorch reference (not faster than dense attention):
 the seconds measure this machine, the work share what the kernels would skip.
@@ -171,7 +174,8 @@ def main() -> None:
                 if run.policy is not None:
                     share = run.policy.config.attention_share  # this model at this grid (nodes/policy.py)
                 else:
-                    share = attention_share(*policy_mod.model_dims(model.model.diffusion_model), run.grid[0] * run.grid[1] * run.grid[2])
+                    t_, h_, w_ = run.grid
+                    share = attention_share(*policy_mod.model_dims(model.model.diffusion_model), t_ * h_ * w_)
                 n = telemetry.summary_numbers(t, share)
                 # the controlled steps only (the dense ones are the same for every configuration)
                 first = kw["dense"] if budget is None else a.dense_steps
