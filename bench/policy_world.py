@@ -58,8 +58,8 @@ def configs(budgets, early, power, fixed=()):
         out.append((f"entropy@{b:g}", b, dict(mode="entropy", gamma=1.0)))
         if power:
             out.append((f"entropy-power@{b:g}", b, dict(mode="entropy", gamma=1.0, weight="power")))
-        if early:
-            out.append((f"entropy+early@{b:g}", b, dict(mode="entropy", gamma=1.0, early=early)))
+        for e in early:
+            out.append((f"entropy+early{e:g}@{b:g}", b, dict(mode="entropy", gamma=1.0, early=e)))
     return out
 
 
@@ -75,7 +75,8 @@ def main() -> None:
     p.add_argument("--merge-cap", type=float, default=0.75)
     p.add_argument("--refresh", type=int, default=2)
     p.add_argument("--dense-steps", type=int, default=1, help="steps run dense before the policy steers")
-    p.add_argument("--early", type=float, default=0.0)
+    p.add_argument("--early", type=float, nargs="*", default=[],
+                   help="also the entropy policy with these early ramps (budget x (1 + e) first, x (1 - e) last)")
     p.add_argument("--power", action="store_true", help="also the (1 - h) ** gamma weight rule")
     p.add_argument("--fixed", nargs="*", default=[], metavar="SPEC",
                    help="fixed settings without a policy, e.g. keep=0.25 merge=0.5 keep=0.25,merge=0.5,dense=10")
