@@ -8,11 +8,11 @@ Beyond ~3.4x sparse attention alone cannot reach the budget (the linear 29% stay
 merging takes over; the first and last blocks never merge.
 
 Work is not time: sparse tiles run below the dense kernel's rate and the coarse pass, merging and
-the policy cost extra. The speedup the node states is the measured one: on an H200, Wan 2.1 1.3B
-at 480p x 81, an accelerated step took 0.636 of a dense one at speed 3 (work 1/3) and 0.337 at
-speed 6 (work 1/6) (bench/results/wan_model_1.3B-480p_NVIDIA_H200.json); time = 0.036 + 1.80 x
-work through those two points, for the steps after the first (dense) one; VAE and text encoder
-not included.
+the policy cost extra. The speedup the node states is calibrated on measurement: on an H200, Wan
+2.1 1.3B at 480p x 81, an accelerated step took 0.636 of a dense one at speed 3 (work 1/3) and
+0.337 at speed 6 (work 1/6) (bench/results/wan_model_1.3B-480p_NVIDIA_H200.json); time = 0.036 +
+1.80 x work through those two points, read off for the other speeds (beyond 6 an extrapolation),
+for the steps after the first (dense) one; VAE and text encoder not included.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class USVAccelerate(io.ComfyNode):
             description=(
                 "One knob for USV: sparse attention, token merging and the entropy policy together. Speed s keeps "
                 "1/s of the dense work per step after the first (dense) one, spent where attention is spread. "
-                f"Expected DiT speedup per step, measured on an H200 with Wan 2.1 1.3B at 480p x 81 frames: {_table()}. "
+                f"Expected DiT speedup per step, calibrated on an H200 with Wan 2.1 1.3B at 480p x 81 frames: {_table()}. "
                 "Smaller videos gain less (attention is a smaller share). Speed 1 leaves the model as it is."
             ),
             inputs=[
@@ -103,6 +103,6 @@ class USVAccelerate(io.ComfyNode):
         x = estimate(int(speed), facts.layers, facts.heads, merging)
         text = (f"speed {speed}: budget {config.budget:.0%} of dense work per step after the first "
                 f"(cost model: {w:.0%} reachable); expected about {x:.1f}x faster denoising per step "
-                f"(measured on an H200, Wan 2.1 1.3B at 480p x 81 frames; "
+                f"(calibrated on an H200, Wan 2.1 1.3B at 480p x 81 frames; "
                 f"sparse attention{' + token merging' if merging else ''} + entropy policy)")
         return io.NodeOutput(out, ui={"text": (text,)})
