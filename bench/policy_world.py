@@ -40,12 +40,13 @@ def prompts(n: int) -> list[str]:
 
 
 def fixed_config(spec: str) -> dict:
-    """'keep=0.5,merge=0.3,dense=10' -> fixed settings without a policy (missing parts: off)."""
-    out = dict(keep=1.0, merge=0.0, dense=1)
+    """'keep=0.5,merge=0.3,dense=10,metric=hidden' -> fixed settings without a policy (missing
+    parts: off; metric: token merging's similarity, keys by default)."""
+    out = dict(keep=1.0, merge=0.0, dense=1, metric="keys")
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in out:
-            raise SystemExit(f"--fixed: unknown key {key!r} in {spec!r} (keys: keep, merge, dense)")
+            raise SystemExit(f"--fixed: unknown key {key!r} in {spec!r} (keys: {', '.join(out)})")
         out[key] = type(out[key])(value)
     return out
 
@@ -137,7 +138,7 @@ def main() -> None:
             if kw["keep"] < 1:
                 model = sparse_node.execute(model, kw["keep"], kw["dense"], "", "4x4x4", "none").result[0]
             if kw["merge"] > 0:
-                model = merge_node.execute(model, kw["merge"], kw["dense"], "", "keys").result[0]
+                model = merge_node.execute(model, kw["merge"], kw["dense"], "", kw["metric"]).result[0]
         else:
             cfg = PolicyConfig(budget=budget, refresh=a.refresh, **kw)
             model = sparse_node.execute(base, a.keep_floor, a.dense_steps, "", "4x4x4", "none", cfg).result[0]

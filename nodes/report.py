@@ -35,9 +35,9 @@ def report(model) -> tuple[object, str]:
         f"USV run: {run.steps} steps x {layers} blocks, token grid {grid}",
         f"attended share: {n['attended']:.1%} (mean keep of key cubes; dense calls count 1)",
         f"merged share: {n['tokens']:.1%} of tokens kept ({1 - n['tokens']:.1%} merged away)",
-        f"estimated work: {n['work']:.1%} of dense DiT work, an estimated speedup of {n['speedup']:.2f}x by FLOPs "
-        f"(attention {share:.0%} of a block's FLOPs for {where}); wall-clock gains are smaller (on an H200, "
-        f"Wan 1.3B steps at 1/3 of the work took 0.64 of the time)",
+        (f"estimated work: {n['work']:.1%} of dense DiT work, an estimated speedup of {n['speedup']:.2f}x by FLOPs "
+         f"(attention {share:.0%} of a block's FLOPs for {where}); wall-clock gains are smaller (on an H200, "
+         f"Wan 1.3B steps at 1/3 of the work took 0.64 of the time)"),
     ]
     if n["entropy"] == n["entropy"]:
         lines.append(f"mean coarse entropy: {n['entropy']:.3f}")
