@@ -95,12 +95,11 @@ def main() -> None:
     runtime.boot()
     import nodes
 
-    from usv_core.policy import PolicyConfig, attention_share
+    from usv_core.policy import PolicyConfig
     from usv_core.world import score_details
 
     report_mod = runtime.pack_module("nodes.report")
     usv_patch = runtime.pack_module("nodes.usv_patch")
-    policy_mod = runtime.pack_module("nodes.policy")
     sparse_node = nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     merge_node = nodes.NODE_CLASS_MAPPINGS["USVTokenMerge"]
     prompt_node = nodes.NODE_CLASS_MAPPINGS["USVWorldPrompt"]
@@ -168,16 +167,11 @@ def main() -> None:
                 patch = usv_patch.get_patch(model)
                 run = patch.last_run
                 _, text = report_mod.report(model)
-                ran = {(st, b) for (st, b, _p) in run.calls if b >= 0}
                 from usv_core import telemetry
 
-                layers = len(model.model.diffusion_model.blocks)
-                t = telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
-                if run.policy is not None:
-                    share = run.policy.config.attention_share  # this model at this grid (nodes/policy.py)
-                else:
-                    t_, h_, w_ = run.grid
-                    share = attention_share(*policy_mod.model_dims(model.model.diffusion_model), t_ * h_ * w_)
+                dm = model.model.diffusion_model
+                t = report_mod.run_tables(run, len(dm.blocks))
+                share, _ = report_mod.run_attention_share(dm, run.grid)  # what the policy budgets with too
                 n = telemetry.summary_numbers(t, share)
                 # the controlled steps only (the dense ones are the same for every configuration)
                 first = kw["dense"] if budget is None else a.dense_steps

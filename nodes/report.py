@@ -12,6 +12,22 @@ from .policy import model_dims
 from .usv_patch import get_patch
 
 
+def run_tables(run, layers: int) -> dict:
+    """The finished run's (layers, steps) tables: entropy, keep, tokens kept."""
+    ran = {(s, b) for (s, b, _path) in run.calls if b >= 0}
+    return telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
+
+
+def run_attention_share(dm, grid) -> tuple[float, str]:
+    """(attention's share of a block's FLOPs, what it was computed for): this model at the run's
+    token grid when its widths are known, else Wan 1.3B at 480p."""
+    dim, ffn = model_dims(dm) if dm is not None else (None, None)
+    if grid is None or not dim or not ffn:
+        return WAN_1_3B_480P_ATTENTION_SHARE, "Wan 1.3B at 480p"
+    tokens = grid[0] * grid[1] * grid[2]
+    return attention_share(dim, ffn, tokens), f"this model at {tokens} tokens"
+
+
 def report(model) -> tuple[object, str]:
     """(IMAGE, summary) of the model's last run."""
     patch = get_patch(model)
@@ -19,16 +35,11 @@ def report(model) -> tuple[object, str]:
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     blocks = getattr(dm, "blocks", None) or getattr(dm, "transformer_blocks", None)
     layers = len(blocks) if blocks is not None else None
-    dim, ffn = model_dims(dm) if dm is not None else (None, None)
     if run is None or not run.steps or not layers:
         why = "this model has no USV patch" if patch is None else "no sampling run has finished with this model yet"
         return telemetry.heatmap([telemetry.tables(1, max(1, layers or 1), [], {}, {}, {})["keep"]]), f"USV report: {why}."
-    ran = {(s, b) for (s, b, _path) in run.calls if b >= 0}
-    t = telemetry.tables(run.steps, layers, ran, run.entropy, run.keep, run.merged)
-    share, where = WAN_1_3B_480P_ATTENTION_SHARE, "Wan 1.3B at 480p"
-    if run.grid is not None and dim and ffn:
-        tokens = run.grid[0] * run.grid[1] * run.grid[2]
-        share, where = attention_share(dim, ffn, tokens), f"this model at {tokens} tokens"
+    t = run_tables(run, layers)
+    share, where = run_attention_share(dm, run.grid)
     n = telemetry.summary_numbers(t, share)
     grid = "x".join(str(g) for g in run.grid) if run.grid else "?"
     lines = [
