@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_FAMILIES = ("Wan 2.1", "Wan 2.2", "HunyuanVideo", "LTX-Video")
+SUPPORTED_FAMILIES = ("Wan 2.1", "Wan 2.2", "HunyuanVideo", "LTX-Video", "LTX-2")
 
 
 @dataclass(frozen=True)
@@ -42,28 +42,51 @@ def _unknown(name: str, reason: str) -> ModelFacts:
     return ModelFacts("unknown", name, None, None, None, None, False, reason)
 
 
+# ComfyUI model configs of the Wan family: (family, variant, served). Served variants lay their
+# tokens out as a grid, optionally with reference tokens before it or extra tokens after it.
+_WAN_VARIANTS = {
+    "WAN21_T2V": ("Wan 2.1", "t2v", True),
+    "WAN21_I2V": ("Wan 2.1", "i2v", True),
+    "WAN22_T2V": ("Wan 2.2", "ti2v 5B", True),
+    "WAN21_FlowRVS": ("Wan 2.1", "flowrvs", True),
+    "WAN22_WanDancer": ("Wan 2.2", "wandancer", True),
+    "WAN21_SCAIL": ("Wan 2.1", "scail", True),
+    "WAN21_SCAIL2": ("Wan 2.1", "scail2", True),
+    "WAN21_FunControl2V": ("Wan 2.1", "fun control", False),
+    "WAN21_Camera": ("Wan 2.1", "camera", False),
+    "WAN21_Vace": ("Wan 2.1", "vace", False),
+    "WAN21_HuMo": ("Wan 2.1", "humo", False),
+    "WAN21_CausalAR_T2V": ("Wan 2.1", "causal AR", False),
+    "WAN22_Camera": ("Wan 2.2", "camera", False),
+    "WAN22_S2V": ("Wan 2.2", "s2v", False),
+    "WAN22_Animate": ("Wan 2.2", "animate", False),
+}
+SERVED_WAN = ", ".join(v for _f, v, ok in _WAN_VARIANTS.values() if ok)
+_WAN_WHY_NOT = {
+    "causal AR": "its causal self-attention reads keys from a cache of earlier chunks",
+}
+
+
 def _wan(dm, config_name: str) -> ModelFacts:
-    variants = {
-        "WAN21_T2V": ("Wan 2.1", "t2v"),
-        "WAN21_I2V": ("Wan 2.1", "i2v"),
-        "WAN21_FunControl2V": ("Wan 2.1", "fun control"),
-        "WAN21_Camera": ("Wan 2.1", "camera"),
-        "WAN21_Vace": ("Wan 2.1", "vace"),
-        "WAN21_HuMo": ("Wan 2.1", "humo"),
-        "WAN22_T2V": ("Wan 2.2", "ti2v 5B"),
-        "WAN22_Camera": ("Wan 2.2", "camera"),
-        "WAN22_S2V": ("Wan 2.2", "s2v"),
-        "WAN22_Animate": ("Wan 2.2", "animate"),
-    }
-    family, variant = variants.get(config_name, ("Wan 2.1", None))
     heads = int(dm.num_heads)
-    head_dim = int(dm.dim) // heads
-    facts = dict(family=family, variant=variant, patch_size=tuple(int(p) for p in dm.patch_size),
-                 layers=len(dm.blocks), heads=heads, head_dim=head_dim)
-    if variant in ("t2v", "i2v", "ti2v 5B"):
-        return _check(**facts)
-    return ModelFacts(**facts, supported=False,
-                      reason=f"the {variant} variant adds tokens USV has no adapter for yet; supported: t2v, i2v, ti2v 5B")
+    facts = dict(patch_size=tuple(int(p) for p in dm.patch_size), layers=len(dm.blocks), heads=heads,
+                 head_dim=int(dm.dim) // heads)
+    known = _WAN_VARIANTS.get(config_name)
+    if known is None:
+        # A release newer than this pack: the plain model class keeps the plain layout, and the
+        # layout checks at run time catch a call whose tokens are not the grid's.
+        plain = type(dm).__name__ == "WanModel"
+        variant = f"{config_name}, {type(dm).__name__}"
+        if plain:
+            return _check(family="Wan 2.1", variant=variant, **facts)
+        return ModelFacts(family="Wan 2.1", variant=variant, **facts, supported=False,
+                          reason=f"{type(dm).__name__} is a Wan variant USV has no adapter for yet; served: {SERVED_WAN}")
+    family, variant, served = known
+    if served:
+        return _check(family=family, variant=variant, **facts)
+    why = _WAN_WHY_NOT.get(variant, "it adds tokens or streams USV has no adapter for yet")
+    return ModelFacts(family=family, variant=variant, **facts, supported=False,
+                      reason=f"the {variant} variant is not served: {why}; served: {SERVED_WAN}")
 
 
 def _hunyuan(dm, config_name: str) -> ModelFacts:
@@ -79,8 +102,14 @@ def _hunyuan(dm, config_name: str) -> ModelFacts:
 def _ltxv(dm, config_name: str) -> ModelFacts:
     block = dm.transformer_blocks[0].attn1
     heads = int(block.heads)
-    return _check(family="LTX-Video", variant=None, patch_size=(1, 1, 1), layers=len(dm.transformer_blocks),
-                  heads=heads, head_dim=int(dm.inner_dim) // heads)
+    audio = "LTXAVModel" in _class_names(dm)
+    return _check(family="LTX-2" if audio else "LTX-Video", variant="audio-video" if audio else None, patch_size=(1, 1, 1),
+                  layers=len(dm.transformer_blocks), heads=heads, head_dim=int(dm.inner_dim) // heads)
+
+
+def _kandinsky5(dm, config_name: str) -> ModelFacts:
+    return _unknown("Kandinsky 5", "Kandinsky 5 video is not supported yet: USV has no adapter for its "
+                                   "token layout; supported: " + ", ".join(SUPPORTED_FAMILIES))
 
 
 def _check(**facts) -> ModelFacts:
@@ -94,6 +123,7 @@ _FAMILIES = (
     ("WanModel", _wan),
     ("HunyuanVideo", _hunyuan),
     ("LTXVModel", _ltxv),
+    ("Kandinsky5", _kandinsky5),
 )
 
 
@@ -118,33 +148,58 @@ def describe(model) -> ModelFacts:
 
 # Token layouts: how each family's diffusion-model call lays out its tokens. -------------------
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """A call's tokens: `prefix` tokens, then the grid in raster order, then `suffix` tokens.
+    Sparse attention serves the grid; the tokens around it attend and are attended densely."""
+
+    grid: tuple[int, int, int]
+    prefix: int = 0
+    suffix: int = 0
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def _patched_tokens(shape, patch) -> int:
+    """Tokens of a (B, C, T, H, W) latent after a (pt, ph, pw) patch embedding."""
+    return math.prod(_ceil_div(n, p) for n, p in zip(shape[2:], patch))
+
+
 class WanAdapter:
-    """Wan 2.1 / 2.2: x (B, C, T, H, W) patchified by (1, 2, 2) into a raster grid; optional
-    frames concatenated in time (time_dim_concat) extend the grid; reference latents (ref_conv)
-    put tokens before it. Image tokens of i2v live in the cross-attention context only."""
+    """Wan 2.1 / 2.2: x (B, C, T, H, W) patchified by (1, 2, 2) into a raster grid. Frames
+    concatenated in time (time_dim_concat, SCAIL's reference frames) extend the grid; reference
+    latents (ref_conv) put tokens before it; in-context latents (context_latents) and SCAIL's pose
+    latents put tokens after it. Image tokens of i2v live in the cross-attention context only."""
 
     name = "Wan"
 
     @staticmethod
     def token_layout(dm, a: dict):
         x = a.get("x")
-        if x is None or x.ndim != 5:
-            return None
-        pt, ph, pw = (int(p) for p in dm.patch_size)
+        if not hasattr(x, "ndim") or x.ndim != 5:
+            return "the latent is not one (batch, channels, frames, height, width) tensor"
+        patch = tuple(int(p) for p in dm.patch_size)
+        kwargs = a.get("kwargs") or {}
         t = x.shape[2]
         extra = a.get("time_dim_concat")
         if extra is not None:
             t += extra.shape[2]
-        grid = (_ceil_div(t, pt), _ceil_div(x.shape[3], ph), _ceil_div(x.shape[4], pw))
-        prefix = 0
-        ref = (a.get("kwargs") or {}).get("reference_latent")
-        if getattr(dm, "ref_conv", None) is not None and ref is not None:
-            prefix = _ceil_div(ref.shape[-2], ph) * _ceil_div(ref.shape[-1], pw) * (ref.shape[2] if ref.ndim == 5 else 1)
-        return grid, prefix
+        ref = kwargs.get("reference_latent")
+        prefix = suffix = 0
+        if "SCAILWanModel" in _class_names(dm):
+            if ref is not None:  # concatenated in time before the patch embedding
+                t += ref.shape[2]
+            pose = kwargs.get("pose_latents")
+            if pose is not None:
+                suffix += _patched_tokens(pose.shape, patch)
+        elif getattr(dm, "ref_conv", None) is not None and ref is not None:
+            prefix = _ceil_div(ref.shape[-2], patch[1]) * _ceil_div(ref.shape[-1], patch[2]) * (ref.shape[2] if ref.ndim == 5 else 1)
+        for lat in kwargs.get("context_latents") or ():
+            suffix += _patched_tokens(lat.shape, patch)
+        grid = (_ceil_div(t, patch[0]), _ceil_div(x.shape[3], patch[1]), _ceil_div(x.shape[4], patch[2]))
+        return TokenLayout(grid, prefix, suffix)
 
     @staticmethod
     def block_keys(dm):
@@ -152,20 +207,56 @@ class WanAdapter:
 
 
 class LTXVAdapter:
-    """LTX-Video: x (B, C, T, H, W) with patch size 1, tokens in raster order."""
+    """LTX-Video: x (B, C, T, H, W) with patch size 1, tokens in raster order. Keyframe guides
+    (LTXVAddGuide) append their frames to the latent; where a negative denoise mask drops guide
+    tokens (ComfyUI 0.22+), the model keeps only its grid mask's tokens: the video frames then
+    stay the grid and the guide tokens that survive follow it."""
 
     name = "LTX-Video"
 
     @staticmethod
-    def token_layout(dm, a: dict):
-        x = a.get("x")
-        if x is None or x.ndim != 5:
-            return None
-        return (x.shape[2], x.shape[3], x.shape[4]), 0
+    def _video(a: dict):
+        return a.get("x")
+
+    @classmethod
+    def token_layout(cls, dm, a: dict):
+        x = cls._video(a)
+        if not hasattr(x, "ndim") or x.ndim != 5:
+            return "the video latent is not one (batch, channels, frames, height, width) tensor"
+        t, h, w = x.shape[2:]
+        keyframes = a.get("keyframe_idxs")
+        mask = a.get("denoise_mask")
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0] if mask else None
+        if keyframes is None or keyframes.shape[2] == 0 or mask is None:
+            return TokenLayout((t, h, w))
+        if mask.ndim != 5 or tuple(mask.shape[2:]) != (t, h, w):
+            return f"a denoise mask of shape {tuple(mask.shape)} does not match the latent's grid {(t, h, w)}"
+        kept = ~(mask[0] < 0).any(dim=0).flatten()  # the model's grid mask (batch 0, as the model reads it)
+        if bool(kept.all()):
+            return TokenLayout((t, h, w))
+        guide = int(keyframes.shape[2])  # guide tokens, at the end before dropping
+        video = kept.numel() - guide
+        if video < 0 or video % (h * w) or not bool(kept[:video].all()):
+            return "keyframe guides drop tokens inside the video frames"
+        return TokenLayout((video // (h * w), h, w), 0, int(kept[video:].sum()))
 
     @staticmethod
     def block_keys(dm):
         return [("double_block", i) for i in range(len(dm.transformer_blocks))]
+
+
+class LTXAVAdapter(LTXVAdapter):
+    """LTX-2: the diffusion model gets [video, audio] latents; each block runs video self-attention
+    first (served), then video cross-attention, audio self- and cross-attention and the
+    audio-video attention (all handed on)."""
+
+    name = "LTX-2"
+
+    @staticmethod
+    def _video(a: dict):
+        x = a.get("x")
+        return x[0] if isinstance(x, (list, tuple)) and x else x
 
 
 class HunyuanAdapter:
@@ -189,12 +280,12 @@ class HunyuanAdapter:
     def token_layout(dm, a: dict):
         x = a.get("x")
         patch = tuple(int(p) for p in dm.patch_size)
-        if x is None or len(patch) not in (2, 3) or x.ndim != 2 + len(patch):
-            return None
+        if not hasattr(x, "ndim") or len(patch) not in (2, 3) or x.ndim != 2 + len(patch):
+            return f"the latent is not a {len(patch)}-D grid of tokens"
         grid = HunyuanAdapter._grid(x.shape[2:], patch)
         ref = a.get("ref_latent")
         prefix = math.prod(HunyuanAdapter._grid(ref.shape[2:], patch)) if ref is not None else 0
-        return grid, prefix
+        return TokenLayout(grid, prefix)
 
     @staticmethod
     def block_keys(dm):
@@ -202,7 +293,8 @@ class HunyuanAdapter:
                 + [("single_block", i) for i in range(len(dm.single_blocks))])
 
 
-_ADAPTERS = {"Wan 2.1": WanAdapter, "Wan 2.2": WanAdapter, "HunyuanVideo": HunyuanAdapter, "LTX-Video": LTXVAdapter}
+_ADAPTERS = {"Wan 2.1": WanAdapter, "Wan 2.2": WanAdapter, "HunyuanVideo": HunyuanAdapter, "LTX-Video": LTXVAdapter,
+             "LTX-2": LTXAVAdapter}
 
 
 def adapter_for(model):
@@ -212,6 +304,6 @@ def adapter_for(model):
     if adapter is None or not facts.supported:
         raise ValueError(
             f"USV cannot patch this model ({facts.family}{', ' + facts.variant if facts.variant else ''}): {facts.reason}. "
-            f"Supported: Wan 2.1 / 2.2 (t2v, i2v, ti2v 5B), HunyuanVideo and LTX-Video."
+            f"Supported: Wan 2.1 / 2.2 ({SERVED_WAN}), HunyuanVideo, LTX-Video and LTX-2."
         )
     return facts, adapter

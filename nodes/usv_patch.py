@@ -2,13 +2,19 @@
 
 One `USVPatch` lives in each patched model clone's model_options["transformer_options"]; every
 USV node adds or replaces its feature there (sparse attention, token merging), so applying a
-node twice replaces rather than stacks, and the nodes compose in either order. ComfyUI deep-copies
-model_options on clone, so each clone gets its own patch and its own run statistics.
+node twice replaces rather than stacks, and the nodes compose in either order.
 
-Per diffusion-model call, the DIFFUSION_MODEL wrapper works out the token grid and puts a
-`CallContext` into a copy of transformer_options, together with
-- an optimized_attention_override that chains whatever override it found there (core sparse
-  attention, attention-backend nodes, Sage patches) and serves grid self-attention itself;
+Each clone owns its patch, whatever ModelPatcher.clone() copies: ComfyUI up to 0.13 deep-copies
+model_options, later releases copy only its dicts and lists and share every other object. So a
+USV node installs a fresh copy on the clone it returns, and an ON_CLONE callback gives any other
+clone (a LoRA loader's, another pack's) its own copy too. Settings are shared (they are frozen);
+run statistics never are.
+
+Per diffusion-model call, the DIFFUSION_MODEL wrapper asks the family's adapter how the call lays
+out its tokens (a grid, with tokens before or after it) and puts a `CallContext` into a copy of
+transformer_options, together with
+- an optimized_attention_override that chains whatever override it found there (attention-backend
+  nodes, Sage or KJNodes patches) and serves grid self-attention itself;
 - per-block replacements that chain any replacement already there and tell the override which
   block it is in (and, with token merging, merge before the block and unmerge after).
 Everything is installed per call, on top of what other packs put there, and nothing global is
@@ -38,8 +44,9 @@ class CallContext:
     patch: "USVPatch"
     model: torch.nn.Module  # the diffusion model running this call
     grid: tuple[int, int, int]
-    prefix: int  # tokens before the grid (reference latents)
+    prefix: int  # tokens before the grid (Wan reference latents)
     step: int
+    suffix: int = 0  # tokens after the grid (Wan context latents, LTX keyframe guides)
     block: int = -1
     calls_in_block: int = 0
     block_sizes: torch.Tensor | None = None  # set when tokens are merged: tokens per cube
@@ -89,11 +96,15 @@ class USVPatch:
         self._warned: set[str] = set()
         self._prepare_steps = 0
 
-    def __deepcopy__(self, memo):
-        # Features are immutable settings (and may hold weights): share them. Statistics are per clone.
+    def copy(self) -> "USVPatch":
+        """The same settings with statistics of its own. Features are frozen (and may hold
+        weights), so they are shared."""
         other = USVPatch(self.adapter)
         other.features = dict(self.features)
         return other
+
+    def __deepcopy__(self, memo):
+        return self.copy()
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -127,22 +138,36 @@ def _on_cleanup(patcher, *_rest):
         patch.on_cleanup()
 
 
+def _own_patch(model) -> USVPatch | None:
+    """Give `model` a copy of its patch of its own; returns that copy."""
+    opts = model.model_options.get("transformer_options")
+    patch = opts.get(PATCH_KEY) if isinstance(opts, dict) else None
+    if patch is None:
+        return None
+    # clone() copied transformer_options itself (a dict) on every release, so this never
+    # reaches the model it was cloned from
+    opts[PATCH_KEY] = patch.copy()
+    return opts[PATCH_KEY]
+
+
+def _on_clone(_original, clone, *_rest):
+    _own_patch(clone)
+
+
 def patched_clone(model, adapter, feature_name: str, feature) -> object:
     """A clone of `model` with `feature` set under `feature_name`; the model given is untouched."""
     import comfy.patcher_extension as pe
 
     m = model.clone()
-    opts = m.model_options.setdefault("transformer_options", {})
-    patch = opts.get(PATCH_KEY)
+    patch = _own_patch(m)
     if patch is None:
         patch = USVPatch(adapter)
-        opts[PATCH_KEY] = patch
+        m.model_options.setdefault("transformer_options", {})[PATCH_KEY] = patch
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
         m.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, WRAPPER_KEY, _on_prepare_state)
         m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, _on_cleanup)
-    else:
-        # model_options were deep-copied by clone(), so this patch already belongs to m alone.
-        patch.adapter = adapter
+        m.add_callback_with_key(pe.CallbacksMP.ON_CLONE, WRAPPER_KEY, _on_clone)
+    patch.adapter = adapter
     patch.features[feature_name] = feature
     return m
 
@@ -173,17 +198,19 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     patch = opts.get(PATCH_KEY) if isinstance(opts, dict) else None
     if patch is None or not patch.features:
         return executor(*args, **kwargs)
+    step = step_index(opts, patch)
+    patch.run.steps = max(patch.run.steps, step + 1)
     layout = patch.adapter.token_layout(executor.class_obj, bound.arguments)
-    if layout is None:
-        patch.warn_once("layout", f"{patch.adapter.name}: could not work out the token grid of this call; running it dense")
+    if isinstance(layout, str):
+        # a call USV cannot lay out as a grid runs dense; say so once, with the reason
+        patch.warn_once("layout:" + layout, f"{patch.adapter.name}: {layout}; these calls run dense")
+        patch.run.count(step, -1, "dense:layout")
         return executor(*args, **kwargs)
-    grid, prefix = layout
-    ctx = CallContext(patch=patch, model=executor.class_obj, grid=grid, prefix=prefix, step=step_index(opts, patch))
+    ctx = CallContext(patch=patch, model=executor.class_obj, grid=layout.grid, prefix=layout.prefix,
+                      suffix=layout.suffix, step=step)
     sigmas = opts.get("sample_sigmas")
     ctx.num_steps = len(sigmas) - 1 if sigmas is not None and len(sigmas) > 1 else 0
-    patch.run.grid = grid
-    if ctx.step + 1 > patch.run.steps:
-        patch.run.steps = ctx.step + 1
+    patch.run.grid = layout.grid
 
     opts = dict(opts)
     opts[CALL_KEY] = ctx
@@ -255,32 +282,41 @@ class AttentionOverride:
         if feature is None:
             return self.delegate(func, args, kwargs)
         call = _parse_attention_call(args, kwargs)
-        expected = ctx.merged_tokens if ctx.merged_tokens is not None else ctx.grid_tokens + ctx.prefix
+        run, name = ctx.patch.run, ctx.patch.adapter.name
+        if ctx.merged_tokens is not None:
+            expected = ctx.merged_tokens
+        else:
+            expected = ctx.prefix + ctx.grid_tokens + ctx.suffix
         # Joint attention (HunyuanVideo) carries text tokens after the grid in the same call.
         text = 0
         if (call is not None and getattr(ctx.patch.adapter, "text_suffix", False) and ctx.merged_tokens is None
                 and call.q_len > expected):
             text = call.q_len - expected
         # The first attention call of a block is its self-attention (Wan, LTX-Video, HunyuanVideo);
-        # cross-attention has keys from the text, and foreign shapes mean a call USV does not model.
-        if (ctx.calls_in_block != 1 or call is None
-                or call.q_len != expected + text or call.k_len != expected + text):
-            ctx.patch.run.count(ctx.step, ctx.block, "declined")
+        # the later ones are cross-attention (keys from the text, or LTX-2's audio).
+        if ctx.calls_in_block != 1 or call is None:
+            run.count(ctx.step, ctx.block, "declined")
+            return self.delegate(func, args, kwargs)
+        if call.q_len != expected + text or call.k_len != expected + text:
+            if ctx.block >= 0:
+                ctx.patch.warn_once("tokens", f"{name}: self-attention saw {call.q_len} tokens where the video "
+                                              f"layout has {expected + text}")
+                run.count(ctx.step, ctx.block, "dense:tokens")
+            else:
+                run.count(ctx.step, ctx.block, "declined")
             return self.delegate(func, args, kwargs)
         if call.mask is not None and not (text and _all_zeros(ctx, call.mask)):
             # an all-zero additive mask (HunyuanVideo without padded text) changes nothing; any
-            # other mask (padded text) is a call the sparse path does not model
-            if text:
-                ctx.patch.warn_once("mask", f"{ctx.patch.adapter.name}: an attention mask (padded text) makes "
-                                            "these calls run dense")
-                ctx.patch.run.count(ctx.step, ctx.block, "dense:mask")
-            else:
-                ctx.patch.run.count(ctx.step, ctx.block, "declined")
+            # other mask (padded text, LTX guide attenuation) is a call the sparse path does not model
+            ctx.patch.warn_once("mask", f"{name}: an attention mask on self-attention "
+                                        f"({'padded text' if text else 'such as a guide strength'})")
+            run.count(ctx.step, ctx.block, "dense:mask")
             return self.delegate(func, args, kwargs)
-        if ctx.prefix:
-            ctx.patch.warn_once("prefix", "tokens outside the video grid (reference latents) make these calls run dense")
-            ctx.patch.run.count(ctx.step, ctx.block, "dense:prefix")
-            return self.delegate(func, args, kwargs)
+        if ctx.merged_tokens is None and (ctx.prefix or ctx.suffix):
+            # tokens before the grid move behind it, so that the grid is one contiguous run and
+            # every token outside it attends and is attended densely, as joint text is
+            call = call.grid_first(ctx.prefix, ctx.grid_tokens)
+            text = call.q_len - ctx.grid_tokens
         out = feature.attend(ctx, call, text=text)
         if out is None:
             return self.delegate(func, args, kwargs)
@@ -306,6 +342,8 @@ class AttentionCall:
     heads: int
     mask: object
     skip_output_reshape: bool
+    moved_prefix: int = 0  # tokens moved from before the grid to behind it (grid_first)
+    grid_tokens: int = 0
 
     @property
     def q_len(self) -> int:
@@ -319,8 +357,22 @@ class AttentionCall:
     def head_dim(self) -> int:
         return self.q.shape[3]
 
+    def grid_first(self, prefix: int, grid_tokens: int) -> "AttentionCall":
+        """The same call with its `prefix` tokens moved behind the grid; output() moves them back."""
+        if not prefix:
+            return self
+
+        def order(t):
+            return torch.cat([t[:, :, prefix:prefix + grid_tokens], t[:, :, :prefix], t[:, :, prefix + grid_tokens:]], 2)
+
+        return AttentionCall(order(self.q), order(self.k), order(self.v), self.heads, self.mask,
+                             self.skip_output_reshape, prefix, grid_tokens)
+
     def output(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, D) back to the layout ComfyUI's caller expects."""
+        """(B, heads, N, D) back to the token order and layout ComfyUI's caller expects."""
+        if self.moved_prefix:
+            p, g = self.moved_prefix, self.grid_tokens
+            out = torch.cat([out[:, :, g:g + p], out[:, :, :g], out[:, :, g + p:]], 2)
         if self.skip_output_reshape:
             return out
         b, h, n, d = out.shape
