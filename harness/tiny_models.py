@@ -110,3 +110,59 @@ def tiny_sd15(seed: int = 0):
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _patcher(model):
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _with_release_fields(params_class, config: dict) -> dict:
+    """`config` plus every field the running release's params dataclass adds and `config` lacks,
+    switched off (False for flags, None otherwise): HunyuanVideoParams gained meanflow_sum in 0.4."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(params_class)
+    out = dict(config)
+    for f in dataclasses.fields(params_class):
+        if f.name not in out and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            out[f.name] = False if hints.get(f.name) is bool else None
+    return out
+
+
+def tiny_hunyuan_video(seed: int = 5, pooled_dim: int = 32, context_dim: int = 64, hidden_size: int = 256,
+                       num_heads: int = 2, depth: int = 1, depth_single_blocks: int = 1):
+    """A ModelPatcher of a tiny random HunyuanVideo (T2V, no guidance embedding), built from ComfyUI's
+    own classes; the fields newer releases added to its params are off."""
+    runtime.boot()
+    import comfy.supported_models
+    from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+
+    config = _with_release_fields(HunyuanVideoParams, {
+        "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
+        "context_in_dim": context_dim, "hidden_size": hidden_size, "mlp_ratio": 2.0, "num_heads": num_heads,
+        "depth": depth, "depth_single_blocks": depth_single_blocks, "axes_dim": [16, 56, 56], "theta": 256,
+        "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False,
+        "use_cond_type_embedding": False, "vision_in_dim": None,
+    })
+    model = comfy.supported_models.HunyuanVideo({"image_model": "hunyuan_video", **config}).get_model(
+        {}, device=torch.device("cpu"))
+    model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed=seed))
+    return _patcher(model)
+
+
+def tiny_ltxv(seed: int = 4, num_layers: int = 2):
+    """A ModelPatcher of a tiny random LTX-Video (2 heads of 64, 128 latent channels), built from
+    ComfyUI's own classes."""
+    runtime.boot()
+    import comfy.supported_models
+
+    config = comfy.supported_models.LTXV({"image_model": "ltxv", "num_layers": num_layers, "attention_head_dim": 64,
+                                          "num_attention_heads": 2, "cross_attention_dim": 128,
+                                          "caption_channels": TEXT_DIM, "in_channels": 128})
+    model = config.get_model({}, device=torch.device("cpu"))
+    model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed=seed))
+    return _patcher(model)

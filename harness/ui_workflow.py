@@ -10,19 +10,68 @@ from __future__ import annotations
 WIDGET_KINDS = ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN")
 
 
+def _input_specs(nodes_module, class_type: str) -> dict[str, tuple]:
+    """The node's inputs as the running release declares them (V1 INPUT_TYPES, which V3 nodes also
+    expose), required before optional: the order in which the frontend creates widgets."""
+    cls = nodes_module.NODE_CLASS_MAPPINGS.get(class_type)
+    if cls is None:
+        raise ValueError(f"no node {class_type!r} in this ComfyUI (a pack's node that is not loaded?)")
+    spec = cls.INPUT_TYPES()
+    return {name: entry for section in ("required", "optional") for name, entry in spec.get(section, {}).items()}
+
+
+def _is_widget(entry: tuple) -> bool:
+    kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+    if opts.get("forceInput"):
+        return False
+    return isinstance(kind, list) or kind in WIDGET_KINDS
+
+
 def widget_names(nodes_module, class_type: str) -> list[str | None]:
     """The widget inputs of a node in the order the frontend stores their values; None marks the
     extra 'control after generate' value that seed widgets carry."""
-    spec = nodes_module.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
     names: list[str | None] = []
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
-            if isinstance(kind, list) or kind in WIDGET_KINDS:
-                names.append(name)
-                if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
-                    names.append(None)
+    for name, entry in _input_specs(nodes_module, class_type).items():
+        if _is_widget(entry):
+            opts = entry[1] if len(entry) > 1 else {}
+            names.append(name)
+            if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+                names.append(None)
     return names
+
+
+def combo_options(entry: tuple) -> list | None:
+    """The choices of a combo input: a list as the kind (V1) or "options" of a COMBO (V3)."""
+    if isinstance(entry[0], list):
+        return entry[0]
+    if entry[0] == "COMBO" and len(entry) > 1:
+        return entry[1].get("options")
+    return None
+
+
+def _widget_values(nodes_module, node: dict) -> dict:
+    """A UI node's widget values by input name. Values are positional, so a workflow saved on a
+    release whose node had fewer widgets (CreateVideo before bit_depth, 0.25) stores fewer values:
+    as in the frontend, the widgets past them keep their defaults."""
+    names = widget_names(nodes_module, node["type"])
+    values = list(node.get("widgets_values") or [])
+    if len(values) > len(names):
+        raise ValueError(
+            f"node {node['id']} ({node['type']}): {len(values)} widget values for the {len(names)} widgets "
+            f"{[n for n in names if n]} this ComfyUI declares (saved on a release whose node has more widgets?)")
+    specs = _input_specs(nodes_module, node["type"])
+    out = {}
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        if i < len(values):
+            out[name] = values[i]
+            continue
+        default = _default(specs, name)
+        if default is None:
+            raise ValueError(f"node {node['id']} ({node['type']}): no value for widget {name!r}, which has no default")
+        out[name] = default
+    return out
 
 
 def ui_to_api(nodes_module, workflow: dict) -> dict:
@@ -31,11 +80,9 @@ def ui_to_api(nodes_module, workflow: dict) -> dict:
     for n in workflow["nodes"]:
         if n["type"] in ("Note", "MarkdownNote"):
             continue
-        names = widget_names(nodes_module, n["type"])
-        values = n.get("widgets_values", [])
-        if len(names) != len(values):
-            raise ValueError(f"node {n['id']} ({n['type']}): {len(values)} widget values for {len(names)} widgets")
-        inputs = {name: value for name, value in zip(names, values) if name is not None}
+        if n.get("mode", 0) in (2, 4):  # muted or bypassed: the frontend leaves it out of the prompt
+            raise ValueError(f"node {n['id']} ({n['type']}) is muted or bypassed; the converter does not rewire those")
+        inputs = _widget_values(nodes_module, n)
         for inp in n.get("inputs", []):
             if inp.get("link") is not None:
                 link = links[inp["link"]]
@@ -110,11 +157,16 @@ def _return_types(nodes_module, class_type: str) -> list[str]:
     return list(nodes_module.NODE_CLASS_MAPPINGS[class_type].RETURN_TYPES)
 
 
-def _default(spec: dict, name: str):
-    entry = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
+def _default(specs: dict, name: str):
+    """The default of input `name` in a spec: the INPUT_TYPES dict or the flat dict of _input_specs."""
+    if "required" in specs or "optional" in specs:
+        entry = specs.get("required", {}).get(name) or specs.get("optional", {}).get(name)
+    else:
+        entry = specs.get(name)
     opts = entry[1] if len(entry) > 1 else {}
     if "default" in opts:
         return opts["default"]
-    if isinstance(entry[0], list):
-        return entry[0][0]
+    options = combo_options(entry)
+    if options:
+        return options[0]
     return None

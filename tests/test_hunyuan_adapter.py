@@ -89,20 +89,7 @@ def test_joint_triton_kernel_matches_reference():
 # --------------------------------------------------------------------------- the tiny model
 @pytest.fixture(scope="module")
 def hunyuan(comfy):
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.HunyuanVideo({
-        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": POOLED_DIM,
-        "context_in_dim": CONTEXT_DIM, "hidden_size": 256, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 256, "patch_size": [1, 2, 2],
-        "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False,
-        "use_cond_type_embedding": False, "vision_in_dim": None,
-    })
-    model = config.get_model({}, device=torch.device("cpu"))
-    model.diffusion_model.load_state_dict(tiny_models._fill(model.diffusion_model, seed=5))
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return tiny_models.tiny_hunyuan_video(seed=5, pooled_dim=POOLED_DIM, context_dim=CONTEXT_DIM)
 
 
 def cond(seed, mask=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import runtime, test_nodes, tiny_models
-from harness.ui_workflow import ui_to_api
+from harness.ui_workflow import combo_options, ui_to_api
 from test_gate_weights import write_gates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_widgets_match_the_nodes(comfy, path):
         for name, value in v["inputs"].items():
             entry = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
             assert entry is not None, f"{v['class_type']} has no input {name}"
-            options = entry[0] if isinstance(entry[0], list) else None
+            options = combo_options(entry)
             if options is not None and name not in MODEL_FILE_INPUTS:
                 assert value in options, f"{v['class_type']}.{name} = {value!r}"
 
