@@ -300,7 +300,7 @@ class AttentionOverride:
         if call.q_len != expected + text or call.k_len != expected + text:
             if ctx.block >= 0:
                 ctx.patch.warn_once("tokens", f"{name}: self-attention saw {call.q_len} tokens where the video "
-                                              f"layout has {expected + text}")
+                                              f"layout has {expected + text}; those calls run dense")
                 run.count(ctx.step, ctx.block, "dense:tokens")
             else:
                 run.count(ctx.step, ctx.block, "declined")
