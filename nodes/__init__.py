@@ -1,5 +1,7 @@
 """ComfyUI adapters: node classes, model patching and per-model adapters."""
 
+import logging
+
 from comfy_api.latest import ComfyExtension, io
 
 
@@ -27,6 +29,17 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     ]
 
 
+def log_backend() -> None:
+    """Say once, at load, when a CUDA machine lacks triton and what runs instead."""
+    from ..usv_core.attention import missing_triton_note
+
+    note = missing_triton_note()
+    if note:
+        logging.getLogger("usv").warning("USV: %s", note)
+
+
 class USVExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # called once as ComfyUI loads the pack, on every release (on_load only from 0.4)
+        log_backend()
         return all_nodes()

@@ -8,6 +8,7 @@ from .api import (
     TRITON_DTYPES,
     TRITON_HEAD_DIMS,
     block_sparse_attention,
+    missing_triton_note,
     supports,
     vsa_attention,
     vsa_attention_blocked,
@@ -15,6 +16,7 @@ from .api import (
 from .joint import vsa_attention_joint
 
 __all__ = [
+    "missing_triton_note",
     "vsa_attention",
     "vsa_attention_blocked",
     "vsa_attention_joint",

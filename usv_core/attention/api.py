@@ -17,7 +17,7 @@ from ..tiling import BlockLayout, blocked_layout, check_triple, cube_tiling, nex
 from . import ops
 from .reference import block_sparse_reference, coarse_scores, pool_blocks, vsa_reference
 
-__all__ = ["vsa_attention", "vsa_attention_blocked", "block_sparse_attention", "supports",
+__all__ = ["vsa_attention", "vsa_attention_blocked", "block_sparse_attention", "supports", "missing_triton_note",
            "TRITON_DTYPES", "TRITON_HEAD_DIMS", "TRITON_MAX_BLOCK"]
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -33,6 +33,15 @@ def _triton_importable() -> bool:
     except Exception:  # ImportError, or a broken install
         return False
     return True
+
+
+def missing_triton_note() -> str | None:
+    """On a CUDA machine without a usable triton, what runs instead; None otherwise."""
+    if not torch.cuda.is_available() or _triton_importable():
+        return None
+    return ("triton is not installed (or does not import), so sparse attention runs dense on the GPU; "
+            "token merging and the DMD sampler still work. Install triton to get the sparse kernels "
+            "(Linux: pip install triton; Windows: pip install triton-windows).")
 
 
 def supports(q: torch.Tensor, cube=(4, 4, 4), block_sizes=None):
