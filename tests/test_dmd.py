@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from harness import runtime, test_nodes, tiny_models
+from harness.ui_workflow import ui_to_api
 from usv_core import dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,38 +229,6 @@ def test_eps_model_gets_its_own_sigmas_and_noising(comfy):
 def load_workflow():
     with open(WORKFLOW) as f:
         return json.load(f)
-
-
-def widget_names(comfy, class_type):
-    """The widget inputs of a node in the order the frontend stores their values, with the extra
-    'control after generate' value that seed widgets carry."""
-    spec = node(comfy, class_type).INPUT_TYPES()
-    names = []
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
-            if isinstance(kind, list) or kind in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"):
-                names.append(name)
-                if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
-                    names.append(None)
-    return names
-
-
-def ui_to_api(comfy, workflow):
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for n in workflow["nodes"]:
-        if n["type"] in ("Note", "MarkdownNote"):
-            continue
-        names = widget_names(comfy, n["type"])
-        assert len(names) == len(n["widgets_values"]), f"{n['type']}: widgets_values do not match its inputs"
-        inputs = {name: value for name, value in zip(names, n["widgets_values"]) if name is not None}
-        for inp in n["inputs"]:
-            if inp.get("link") is not None:
-                link = links[inp["link"]]
-                inputs[inp["name"]] = [str(link[1]), link[2]]
-        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
-    return prompt
 
 
 def test_workflow_file_matches_the_nodes(comfy):

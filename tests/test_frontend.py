@@ -4,6 +4,7 @@ workflow loads with its widgets where the nodes expect them."""
 import glob
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -31,6 +32,16 @@ def page(comfy_server):
         page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         yield page
         browser.close()
+
+
+def test_the_page_runs_the_frontend_this_release_requires(page):
+    from harness.runtime import comfyui_dir
+
+    with open(os.path.join(comfyui_dir(), "requirements.txt")) as f:
+        pinned = re.search(r"^comfyui-frontend-package==(\S+)", f.read(), re.M)
+    served = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    assert pinned is not None, "the release's requirements.txt pins no frontend package"
+    assert served == pinned.group(1)
 
 
 def test_usv_nodes_are_in_the_node_library(page):
