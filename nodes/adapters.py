@@ -191,7 +191,7 @@ class WanAdapter:
         if "SCAILWanModel" in _class_names(dm):
             if ref is not None:  # concatenated in time before the patch embedding
                 t += ref.shape[2]
-            pose = kwargs.get("pose_latents")
+            pose = a.get("pose_latents")  # a parameter of SCAIL's forward, not a kwarg
             if pose is not None:
                 suffix += _patched_tokens(pose.shape, patch)
         elif getattr(dm, "ref_conv", None) is not None and ref is not None:

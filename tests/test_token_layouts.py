@@ -101,3 +101,24 @@ def test_tokens_the_layout_cannot_place_run_dense_and_say_so_once(comfy_nodes, t
     assert paths(patched) == {"dense:tokens": 2 * 2, "declined": 2 * 2}
     warnings = [r.getMessage() for r in caplog.records if "self-attention saw" in r.getMessage()]
     assert len(warnings) == 1 and "196 tokens where the video layout has 192" in warnings[0], warnings
+
+
+def test_scail_reference_frames_and_pose_tokens_are_served(comfy_nodes):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if not hasattr(comfy.supported_models, "WAN21_SCAIL"):
+        pytest.skip("this ComfyUI has no SCAIL (Wan 2.1 pose-driven)")
+    config = {"image_model": "wan2.1", "model_type": "scail", "patch_size": (1, 2, 2), "dim": 256, "ffn_dim": 512,
+              "freq_dim": 256, "in_dim": 20, "num_heads": 2, "num_layers": 2, "out_dim": 16,
+              "text_dim": tiny_models.TEXT_DIM, "eps": 1e-6}
+    model = comfy.supported_models.WAN21_SCAIL(config).get_model({}, device=torch.device("cpu"))
+    model.diffusion_model.load_state_dict(tiny_models._fill(model.diffusion_model, 6))
+    cpu = torch.device("cpu")
+    scail = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    # the reference frame joins the grid in time; the half-resolution pose video follows it
+    extra = {"reference_latents": [latent((1, 16, 1, 16, 16), 7)], "pose_video_latent": latent((1, 16, 3, 8, 8), 8)}
+    dense = sample(scail, extra)
+    full = sparse(comfy_nodes, scail, 0.999)
+    assert torch.allclose(sample(full, extra), dense, atol=1e-4, rtol=1e-4)
+    assert paths(full)["sparse"] == 2 * 2 and "dense:tokens" not in paths(full)
