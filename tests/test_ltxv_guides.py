@@ -31,30 +31,38 @@ def drops_tokens() -> bool:
     return "denoise_mask" in inspect.signature(LTXVModel._forward).parameters
 
 
-def guided_inputs(model_patcher):
-    """(latent, denoise mask, keyframe_idxs) as LTXVAddGuide leaves them for one dilated guide frame."""
-    from comfy.ldm.lightricks.symmetric_patchifier import latent_to_pixel_coords
+def guided_inputs():
+    """(positive, negative, latent, denoise mask) after ComfyUI's own LTXVAddGuide.append_keyframe has
+    appended one guide frame, dilated by 2 (IC-LoRA's small grid) where the release supports it: its
+    token positions go into the conditioning as keyframe_idxs, and its mask is negative where dilated."""
+    from comfy_extras import nodes_lt
 
-    dm = model_patcher.model.diffusion_model
+    add_guide = nodes_lt.LTXVAddGuide
     gen = torch.Generator().manual_seed(11)
+    small = torch.randn(1, 128, 1, 8 // DILATION, 8 // DILATION, generator=gen)
     guide = torch.zeros(1, 128, 1, 8, 8)
-    guide[..., ::DILATION, ::DILATION] = torch.randn(1, 128, 1, 8 // DILATION, 8 // DILATION, generator=gen)
-    _, latent_coords = dm.patchifier.patchify(guide)
-    keyframe_idxs = latent_to_pixel_coords(latent_coords, dm.vae_scale_factors, causal_fix=True)
-    keyframe_idxs[:, 0] += GUIDE_FRAME_IDX
-    guide_mask = torch.full((1, 1, 1, 8, 8), -1.0)  # dilated positions: dropped
-    guide_mask[..., ::DILATION, ::DILATION] = 0.0  # strength 1: kept, not denoised
-    latent = torch.cat([torch.zeros(VIDEO), guide], dim=2)
-    mask = torch.cat([torch.ones(1, 1, *VIDEO[2:]), guide_mask], dim=2)
-    return latent, mask, keyframe_idxs
+    guide[..., ::DILATION, ::DILATION] = small
+    extra = {}
+    if "guide_mask" in inspect.signature(add_guide.append_keyframe).parameters:  # 0.8+
+        guide_mask = torch.full((1, 1, 1, 8, 8), -1.0)  # as LTXVAddGuide.dilate_latent builds it
+        guide_mask[..., ::DILATION, ::DILATION] = 1.0
+        extra["guide_mask"] = guide_mask
+    text = {"attention_mask": torch.ones(1, 8, dtype=torch.long)}  # as LTX-Video's text encoder sends it
+    positive = [[tiny_models.text_conditioning(3), dict(text)]]
+    negative = [[tiny_models.text_conditioning(4), dict(text)]]
+    positive, negative, latent, mask = add_guide.append_keyframe(
+        positive, negative, GUIDE_FRAME_IDX, torch.zeros(VIDEO), torch.ones(1, 1, VIDEO[2], 1, 1), guide, 1.0,
+        (8, 32, 32), **extra)
+    if hasattr(nodes_lt, "_append_guide_attention_entry"):  # 0.22+: per-guide attention entries
+        positive, negative = nodes_lt._append_guide_attention_entry(positive, negative, 64, [1, 8, 8], strength=1.0)
+    return positive, negative, latent, mask
 
 
-def sample(patcher, latent, mask, keyframe_idxs, steps=3):
+def sample(patcher, positive, negative, latent, mask, steps=3):
     import comfy.samplers
 
     guider = comfy.samplers.CFGGuider(patcher)
-    extra = {"attention_mask": torch.ones(1, 8, dtype=torch.long), "keyframe_idxs": keyframe_idxs}
-    guider.set_conds([[tiny_models.text_conditioning(3), dict(extra)]], [[tiny_models.text_conditioning(4), dict(extra)]])
+    guider.set_conds(positive, negative)
     guider.set_cfg(3.0)
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", steps)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
@@ -71,15 +79,19 @@ def sparse_calls(run):
 
 @pytest.fixture(scope="module")
 def guided(ltxv):
-    latent, mask, keyframe_idxs = guided_inputs(ltxv)
-    return latent, mask, keyframe_idxs, sample(ltxv, latent, mask, keyframe_idxs)
+    inputs = guided_inputs()
+    return inputs, sample(ltxv, *inputs)
 
 
 def test_all_cubes_kept_matches_dense_with_guide_tokens_after_the_grid(comfy_nodes, ltxv, guided):
-    latent, mask, keyframe_idxs, dense = guided
+    inputs, dense = guided
+    positive, _negative, latent, mask = inputs
+    assert latent.shape[2] == VIDEO[2] + 1 and positive[0][1]["keyframe_idxs"].shape[2] == 64
+    if drops_tokens():  # the dilated guide: 16 of its 64 tokens survive, none of the video's is dropped
+        assert int((mask[0, 0, VIDEO[2]:] >= 0).sum()) == KEPT_GUIDE_TOKENS and bool((mask[0, 0, :VIDEO[2]] >= 0).all())
     node = comfy_nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     patched = node.execute(ltxv, 0.999, 0, "", "4x4x4").result[0]  # every cube kept, still the sparse path
-    out = sample(patched, latent, mask, keyframe_idxs)
+    out = sample(patched, *inputs)
     run = last_run(patched)
     assert sparse_calls(run) == {(s, b) for s in range(3) for b in range(2)}
     assert run.paths()["sparse"] == 6 and not any(p.startswith("dense") for p in run.paths())
@@ -91,10 +103,10 @@ def test_all_cubes_kept_matches_dense_with_guide_tokens_after_the_grid(comfy_nod
 
 
 def test_keep_quarter_runs_sparse_with_guides(comfy_nodes, ltxv, guided):
-    latent, mask, keyframe_idxs, dense = guided
+    inputs, dense = guided
     node = comfy_nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     patched = node.execute(ltxv, 0.25, 1, "", "4x4x4").result[0]
-    out = sample(patched, latent, mask, keyframe_idxs)
+    out = sample(patched, *inputs)
     assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-4)
     run = last_run(patched)
     assert sparse_calls(run) == {(s, b) for s in (1, 2) for b in (0, 1)}
@@ -104,14 +116,15 @@ def test_keep_quarter_runs_sparse_with_guides(comfy_nodes, ltxv, guided):
 def test_tokens_dropped_inside_the_video_run_dense_and_say_why_once(comfy_nodes, ltxv, caplog):
     if not drops_tokens():
         pytest.skip("this ComfyUI's LTXVModel never drops tokens (no denoise_mask in _forward before 0.8)")
-    latent, mask, keyframe_idxs = guided_inputs(ltxv)
+    positive, negative, latent, mask = guided_inputs()
     mask = mask.clone()
     mask[:, :, 2, :4, :] = -1.0  # half of video frame 2 dropped
-    dense = sample(ltxv, latent, mask, keyframe_idxs)
+    inputs = (positive, negative, latent, mask)
+    dense = sample(ltxv, *inputs)
     node = comfy_nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
     patched = node.execute(ltxv, 0.25, 0, "", "4x4x4").result[0]
     with caplog.at_level(logging.WARNING, logger="usv"):
-        out = sample(patched, latent, mask, keyframe_idxs)
+        out = sample(patched, *inputs)
     assert torch.equal(out, dense)
     run = last_run(patched)
     assert run.paths() == {"dense:layout": 3}  # one batched call per step, none of it sparse
