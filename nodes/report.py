@@ -28,6 +28,31 @@ def run_attention_share(dm, grid) -> tuple[float, str]:
     return attention_share(dim, ffn, tokens), f"this model at {tokens} tokens"
 
 
+def device_name(model) -> str:
+    import torch
+
+    device = getattr(model, "load_device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU" if device is None or device.type == "cpu" else device.type
+
+
+def timing_line(run, device: str) -> str | None:
+    """Measured seconds per step of the run, dense and sparse apart, and their ratio."""
+    seconds = run.step_seconds()
+    if not seconds:
+        return None
+    sparse = run.sparse_steps()
+    groups = {"dense": [t for s, t in seconds.items() if s not in sparse],
+              "sparse": [t for s, t in seconds.items() if s in sparse]}
+    mean = {k: sum(v) / len(v) for k, v in groups.items() if v}
+    parts = [f"{len(groups[k])} {k} step{'s' if len(groups[k]) != 1 else ''} at {mean[k]:.3g} s each" for k in mean]
+    line = f"measured on {device}: {sum(seconds.values()):.3g} s of sampling; " + ", ".join(parts)
+    if len(mean) == 2:
+        line += f"; a sparse step took {mean['sparse'] / mean['dense']:.2f} of a dense step here"
+    return line
+
+
 def report(model) -> tuple[object, str]:
     """(IMAGE, summary) of the model's last run."""
     patch = get_patch(model)
@@ -50,6 +75,9 @@ def report(model) -> tuple[object, str]:
          f"(attention {share:.0%} of a block's FLOPs for {where}); wall-clock gains are smaller (on an H200, "
          f"Wan 1.3B steps at 1/3 of the work took 0.64 of the time)"),
     ]
+    timing = timing_line(run, device_name(model))
+    if timing:
+        lines.append(timing)
     if n["entropy"] == n["entropy"]:
         lines.append(f"mean coarse entropy: {n['entropy']:.3f}")
     pr = run.policy

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -74,6 +75,8 @@ class RunStats:
     merged: dict = field(default_factory=dict)  # (step, block) -> tokens after merging / before
     grid: tuple | None = None  # token grid of the run's last call
     policy: object = None  # usv_core.policy.PolicyRun: the policy's observations and decisions in this run
+    started: dict = field(default_factory=dict)  # step -> perf_counter() at its first model call
+    ended: float | None = None  # perf_counter() when sampling ended
 
     def count(self, step: int, block: int, path: str) -> None:
         self.calls[(step, block, path)] += 1
@@ -83,6 +86,18 @@ class RunStats:
         for (_, _, path), n in self.calls.items():
             out[path] += n
         return out
+
+    def step_seconds(self) -> dict[int, float]:
+        """Wall-clock seconds of each step: from its first model call to the next step's (the
+        sampler reads the step's sigma on the host first, so the device has finished by then),
+        the last one to the end of sampling."""
+        steps = sorted(self.started)
+        ends = [self.started[s] for s in steps[1:]] + [self.ended]
+        return {s: e - self.started[s] for s, e in zip(steps, ends) if e is not None}
+
+    def sparse_steps(self) -> set[int]:
+        """Steps in which any attention call ran sparse or any block ran merged."""
+        return {s for (s, _b, path), n in self.calls.items() if n and path in ("sparse", "merged")}
 
 
 class USVPatch:
@@ -116,6 +131,10 @@ class USVPatch:
         self._prepare_steps += 1
 
     def on_cleanup(self) -> None:
+        if self.run.started:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the last step's kernels belong to its time
+            self.run.ended = time.perf_counter()
         if self.run.calls or self.run.steps:
             self.last_run = self.run
         self.run = RunStats()
@@ -200,6 +219,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     step = step_index(opts, patch)
     patch.run.steps = max(patch.run.steps, step + 1)
+    patch.run.started.setdefault(step, time.perf_counter())
     layout = patch.adapter.token_layout(executor.class_obj, bound.arguments)
     if isinstance(layout, str):
         # a call USV cannot lay out as a grid runs dense; say so once, with the reason
