@@ -85,11 +85,25 @@ def load(pack: str) -> str:
         return _loaded[pack]
     nodes = runtime.boot()
     folder = unpack(pack)
+    _give_server_an_app()
     ok = asyncio.run(nodes.load_custom_node(folder, module_parent="custom_nodes"))
     if not ok:
         raise RuntimeError(f"{pack} failed to load into ComfyUI; see the log above")
     _loaded[pack] = folder
     return folder
+
+
+def _give_server_an_app() -> None:
+    """KJNodes adds a static route to PromptServer.instance.app at import when an instance exists;
+    the in-process stand-in for the server may have none, and nobody serves it, so an unserved
+    aiohttp application takes the routes."""
+    import server
+
+    instance = getattr(server.PromptServer, "instance", None)
+    if instance is not None and not hasattr(instance, "app"):
+        from aiohttp import web
+
+        instance.app = web.Application()
 
 
 def module(pack: str):
