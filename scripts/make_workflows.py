@@ -91,6 +91,62 @@ def fastwan_prompt(nodes) -> dict:
     return prompt
 
 
+WAN22_NOTES = """## Wan 2.2 T2V A14B with USV on both experts: one policy sets both
+
+Files: diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors and
+wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors, text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors,
+vae/wan_2.1_vae.safetensors (ComfyUI's Wan 2.2 repackaged files). As in ComfyUI's Wan 2.2 template,
+the high-noise expert samples steps 0-9 of 20 and hands its noisy latent to the low-noise expert
+for steps 10-20 (two KSamplerAdvanced). Each expert is a separate model, so each gets its own USV
+Sparse Attention; the one USV Policy feeds both, and its budget (share of dense work per step) is
+the setting for the whole run. keep on the two nodes is only the least a head keeps. The high-noise
+expert keeps its first step dense (it lays out the composition); the low-noise expert starts from
+that composition, so its steps (counted from its own first step) are all sparse. A USV Report per
+expert shows where its budget went."""
+
+
+def wan22_prompt() -> dict:
+    def expert(name, unet, dense_steps):
+        return {
+            f"unet_{name}": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+            f"shift_{name}": {"class_type": "ModelSamplingSD3", "inputs": {"model": [f"unet_{name}", 0], "shift": 8.0}},
+            f"usv_{name}": {"class_type": "USVSparseAttention", "inputs": {
+                "model": [f"shift_{name}", 0], "keep": 0.02, "dense_steps": dense_steps, "dense_blocks": "",
+                "cube": "4x4x4", "gate_weights": "none", "policy": ["policy", 0]}},
+        }
+
+    def sampler(name, latent, add_noise, start, end, leftover):
+        return {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": [f"usv_{name}", 0], "add_noise": add_noise, "noise_seed": 0, "steps": 20, "cfg": 3.5,
+            "sampler_name": "euler", "scheduler": "simple", "positive": ["pos", 0], "negative": ["neg", 0],
+            "latent_image": latent, "start_at_step": start, "end_at_step": end,
+            "return_with_leftover_noise": leftover}}
+
+    return {
+        "policy": {"class_type": "USVPolicy", "inputs": {"budget": 0.5, "gamma": 1.0, "refresh": 2,
+                                                         "mode": "entropy", "early": 0.0}},
+        **expert("high", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", 1),
+        **expert("low", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", 0),
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                                        "type": "wan", "device": "default"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": (
+            "a red fox trotting through fresh snow in a birch forest at sunrise, soft light, slow tracking shot")}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": (
+            "static, blurry details, low quality, JPEG artifacts, deformed, subtitles, overexposed")}},
+        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 640, "height": 640, "length": 81,
+                                                                      "batch_size": 1}},
+        "sample_high": sampler("high", ["latent", 0], "enable", 0, 10, "enable"),
+        "sample_low": sampler("low", ["sample_high", 0], "disable", 10, 10000, "disable"),
+        "report_high": {"class_type": "USVReport", "inputs": {"model": ["usv_high", 0], "latent": ["sample_high", 0]}},
+        "report_low": {"class_type": "USVReport", "inputs": {"model": ["usv_low", 0], "latent": ["sample_low", 0]}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample_low", 0], "vae": ["vae", 0]}},
+        "video": {"class_type": "CreateVideo", "inputs": {"images": ["decode", 0], "fps": 16.0}},
+        "save": {"class_type": "SaveVideo", "inputs": {"video": ["video", 0], "filename_prefix": "video/wan22_usv",
+                                                       "format": "auto", "codec": "auto"}},
+    }
+
+
 def main() -> int:
     from harness import runtime
     from harness.ui_workflow import api_to_ui
@@ -102,6 +158,7 @@ def main() -> int:
         "usv_world_t2v.json": api_to_ui(nodes, world_prompt(), WORLD_NOTES),
         "usv_world_policy.json": api_to_ui(nodes, world_policy_prompt(), POLICY_NOTES),
         "fastwan_t2v_1.3b_usv.json": api_to_ui(nodes, fastwan_prompt(nodes), FASTWAN_NOTES),
+        "wan22_t2v_two_experts_usv.json": api_to_ui(nodes, wan22_prompt(), WAN22_NOTES),
     }
     for name, wf in files.items():
         with open(os.path.join(OUT, name), "w") as f:
