@@ -22,6 +22,11 @@ def ltx2(comfy):
         import comfy.ldm.lightricks.av_model  # noqa: F401  (LTX-2 arrived in ComfyUI 0.8)
     except ImportError:
         pytest.skip("this ComfyUI has no LTX-2 (comfy.ldm.lightricks.av_model, added in 0.8)")
+    return tiny_ltx2()
+
+
+def tiny_ltx2(seed=7):
+    """A ModelPatcher of a tiny random LTX-2: video 2 heads of 64, audio 2 heads of 32, 2 blocks."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -35,7 +40,7 @@ def ltx2(comfy):
     })
     cpu = torch.device("cpu")
     model = config.get_model({}, device=cpu)
-    model.diffusion_model.load_state_dict(tiny_models._fill(model.diffusion_model, seed=7))
+    model.diffusion_model.load_state_dict(tiny_models._fill(model.diffusion_model, seed=seed))
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
@@ -101,3 +106,38 @@ def test_sparse_serves_video_self_attention_and_hands_on_the_rest(comfy_nodes, l
 def test_token_merge_refuses_ltx2_with_the_reason(comfy_nodes, ltx2):
     with pytest.raises(ValueError, match="supports Wan 2.1 / 2.2 models; this is LTX-2"):
         comfy_nodes.NODE_CLASS_MAPPINGS["USVTokenMerge"].execute(ltx2, 0.5, 1, "", "keys")
+
+
+def test_keyframe_guides_on_ltx2_keep_the_video_frames_as_the_grid(comfy_nodes, ltx2):
+    """LTX-2 takes LTXVAddGuide's guides on its video latent (then concatenated with the audio latent):
+    with guide tokens dropped (0.8+ always drops them), the surviving ones follow the grid, attended densely."""
+    import comfy.nested_tensor
+    import comfy.samplers
+    from test_ltxv_guides import guided_inputs
+
+    positive, negative, video, video_mask = guided_inputs()
+    assert video_mask.min() < 0  # some guide tokens are dropped
+    positive = [[_text(3), positive[0][1]]]  # LTX-2's text conditioning, the guide's keyframe_idxs
+    negative = [[_text(4), negative[0][1]]]
+
+    def run(patcher):
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(3.0)
+        sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 3)
+        gen = torch.Generator().manual_seed(0)
+        latent = comfy.nested_tensor.NestedTensor((video, torch.zeros(AUDIO_LATENT)))
+        noise = comfy.nested_tensor.NestedTensor((torch.randn(video.shape, generator=gen),
+                                                  torch.randn(AUDIO_LATENT, generator=gen)))
+        mask = comfy.nested_tensor.NestedTensor((video_mask, torch.ones(AUDIO_LATENT)))  # as LTXVConcatAVLatent
+        return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, denoise_mask=mask,
+                             seed=0).unbind()
+
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"]
+    dense_video, dense_audio = run(ltx2)
+    patched = node.execute(ltx2, 0.999, 0, "", "4x4x4").result[0]  # every cube kept, still the sparse path
+    out_video, out_audio = run(patched)
+    run_stats = patched.model_options["transformer_options"]["usv_patch"].last_run
+    assert run_stats.grid == VIDEO_LATENT[2:]
+    assert dict(run_stats.paths()) == {"sparse": 6, "declined": 6 * (ATTENTION_CALLS_PER_BLOCK - 1)}
+    assert (out_video - dense_video).abs().max() < 1e-4 and (out_audio - dense_audio).abs().max() < 1e-4
