@@ -4,12 +4,13 @@ sampling ended; its LATENT input only makes it run after the sampler."""
 
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
 from ..usv_core import telemetry
 from ..usv_core.policy import WAN_1_3B_480P_ATTENTION_SHARE, attention_share
 from .policy import model_dims
-from .usv_patch import get_patch
+from .usv_patch import RunStats, get_patch
 
 
 def run_tables(run, layers: int) -> dict:
@@ -53,10 +54,51 @@ def timing_line(run, device: str) -> str | None:
     return line
 
 
+def _combine(values: list):
+    """One value for a (step, block) cell seen on several devices: entropies (B, heads) of
+    different batch rows are concatenated, keep ratios and token shares averaged."""
+    if len(values) == 1:
+        return values[0]
+    if all(isinstance(v, torch.Tensor) for v in values):
+        if len({tuple(v.shape[1:]) for v in values}) == 1 and values[0].dim() == 2:
+            return torch.cat([v.detach().float().cpu() for v in values], 0)
+        return sum(float(v.detach().float().mean()) for v in values) / len(values)
+    return sum(float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v) for v in values) / len(values)
+
+
+def merged_run(patch) -> tuple[RunStats | None, list]:
+    """(the last run of this clone and of its per-device clones as one, the devices that ran).
+
+    Under ComfyUI's MultiGPU each device's clone runs part of every step (cond on one, uncond on
+    another) and keeps its own statistics; merged, they read as one run on one device would."""
+    runs = [(None, patch.last_run)] + [(device, p.last_run) for device, p in patch.devices.items()]
+    runs = [(device, r) for device, r in runs if r is not None and (r.calls or r.steps)]
+    if len(runs) <= 1:
+        return (runs[0][1] if runs else None), [d for d, _ in runs]
+    out = RunStats()
+    for _, r in runs:
+        out.calls.update(r.calls)
+        out.steps = max(out.steps, r.steps)
+        out.grid = out.grid or r.grid
+        out.policy = out.policy or r.policy
+        # the devices run each step side by side: it starts with the first and ends with the last
+        for step, t in getattr(r, "started", {}).items():
+            out.started[step] = min(t, out.started.get(step, t))
+        if getattr(r, "ended", None) is not None:
+            out.ended = max(r.ended, out.ended or r.ended)
+    for name in ("entropy", "keep", "merged"):
+        cells: dict = {}
+        for _, r in runs:
+            for key, value in getattr(r, name).items():
+                cells.setdefault(key, []).append(value)
+        setattr(out, name, {key: _combine(values) for key, values in cells.items()})
+    return out, [d for d, _ in runs]
+
+
 def report(model) -> tuple[object, str]:
-    """(IMAGE, summary) of the model's last run."""
+    """(IMAGE, summary) of the model's last run (on all its devices, under MultiGPU)."""
     patch = get_patch(model)
-    run = patch.last_run if patch is not None else None
+    run, devices = merged_run(patch) if patch is not None else (None, [])
     dm = getattr(getattr(model, "model", None), "diffusion_model", None)
     blocks = getattr(dm, "blocks", None) or getattr(dm, "transformer_blocks", None)
     layers = len(blocks) if blocks is not None else None
@@ -78,6 +120,9 @@ def report(model) -> tuple[object, str]:
     timing = timing_line(run, device_name(model))
     if timing:
         lines.append(timing)
+    if len(devices) > 1:
+        names = ", ".join(str(getattr(model, "load_device", "?") if d is None else d) for d in devices)
+        lines.append(f"devices: {len(devices)} (MultiGPU; statistics of {names} merged)")
     if n["entropy"] == n["entropy"]:
         lines.append(f"mean coarse entropy: {n['entropy']:.3f}")
     pr = run.policy

@@ -110,6 +110,10 @@ class USVPatch:
         self.last_run: RunStats | None = None
         self._warned: set[str] = set()
         self._prepare_steps = 0
+        # ComfyUI's MultiGPU (0.28+) runs a clone's work on per-device clones in threads: each
+        # device's clone owns a patch, registered here by device, so that no thread writes
+        # another's statistics and USV Report can merge them
+        self.devices: dict = {}
 
     def copy(self) -> "USVPatch":
         """The same settings with statistics of its own. Features are frozen (and may hold
@@ -173,6 +177,19 @@ def _on_clone(_original, clone, *_rest):
     _own_patch(clone)
 
 
+def _on_multigpu_clone(main, clone, *_rest):
+    """ON_DEEPCLONE_MULTIGPU / ON_MATCH_MULTIGPU_CLONES: `clone` serves `main` on its load device."""
+    patch, own = get_patch(main), get_patch(clone)
+    if patch is not None and own is not None and own is not patch:
+        patch.devices[clone.load_device] = own
+
+
+def device_patch(patch: USVPatch, transformer_options: dict) -> USVPatch:
+    """The patch of the per-device clone running this call (MultiGPU), else `patch`."""
+    device = transformer_options.get("multigpu_thread_device")
+    return patch.devices.get(device, patch) if device is not None else patch
+
+
 def patched_clone(model, adapter, feature_name: str, feature) -> object:
     """A clone of `model` with `feature` set under `feature_name`; the model given is untouched."""
     import comfy.patcher_extension as pe
@@ -186,6 +203,9 @@ def patched_clone(model, adapter, feature_name: str, feature) -> object:
         m.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, WRAPPER_KEY, _on_prepare_state)
         m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, _on_cleanup)
         m.add_callback_with_key(pe.CallbacksMP.ON_CLONE, WRAPPER_KEY, _on_clone)
+        for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES"):  # ComfyUI 0.28+
+            if hasattr(pe.CallbacksMP, name):
+                m.add_callback_with_key(getattr(pe.CallbacksMP, name), WRAPPER_KEY, _on_multigpu_clone)
     patch.adapter = adapter
     patch.features[feature_name] = feature
     return m
@@ -217,6 +237,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     patch = opts.get(PATCH_KEY) if isinstance(opts, dict) else None
     if patch is None or not patch.features:
         return executor(*args, **kwargs)
+    patch = device_patch(patch, opts)
     step = step_index(opts, patch)
     patch.run.steps = max(patch.run.steps, step + 1)
     patch.run.started.setdefault(step, time.perf_counter())
@@ -233,6 +254,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     patch.run.grid = layout.grid
 
     opts = dict(opts)
+    opts[PATCH_KEY] = patch
     opts[CALL_KEY] = ctx
     opts["optimized_attention_override"] = AttentionOverride(opts.get("optimized_attention_override"))
     replace = dict(opts.get("patches_replace", {}))
