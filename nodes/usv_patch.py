@@ -336,8 +336,18 @@ class AttentionOverride:
             text = call.q_len - expected
         # The first attention call of a block is its self-attention (Wan, LTX-Video, HunyuanVideo);
         # the later ones are cross-attention (keys from the text, or LTX-2's audio).
-        if ctx.calls_in_block != 1 or call is None:
+        if ctx.calls_in_block != 1:
             run.count(ctx.step, ctx.block, "declined")
+            return self.delegate(func, args, kwargs)
+        if call is None:
+            if ctx.block >= 0:
+                # LTX guides below strength 1 split self-attention into query groups over all keys
+                ctx.patch.warn_once("split", f"{name}: a block's self-attention came in parts (queries and keys "
+                                             "of different lengths, as LTX keyframe guides below strength 1 do); "
+                                             "those calls run dense")
+                run.count(ctx.step, ctx.block, "dense:split")
+            else:
+                run.count(ctx.step, ctx.block, "declined")
             return self.delegate(func, args, kwargs)
         if call.q_len != expected + text or call.k_len != expected + text:
             if ctx.block >= 0:

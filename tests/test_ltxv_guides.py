@@ -130,3 +130,26 @@ def test_tokens_dropped_inside_the_video_run_dense_and_say_why_once(comfy_nodes,
     assert run.paths() == {"dense:layout": 3}  # one batched call per step, none of it sparse
     warnings = [r.getMessage() for r in caplog.records if r.name == "usv" and r.getMessage().startswith(WARNING)]
     assert len(warnings) == 1, warnings
+
+
+def test_guides_below_full_strength_run_dense_and_say_why_once(comfy_nodes, ltxv, caplog):
+    """0.22+: a guide strength below 1 attenuates attention to the guide by splitting self-attention
+    into query groups over all keys, a call the sparse path does not model."""
+    from comfy_extras import nodes_lt
+
+    if not hasattr(nodes_lt, "_append_guide_attention_entry"):
+        pytest.skip("this ComfyUI has no per-guide attention strength (0.22+)")
+    positive, negative, latent, mask = guided_inputs()
+    for cond in (positive, negative):
+        for _tensor, extra in cond:
+            for entry in extra.get("guide_attention_entries", []):
+                entry["strength"] = 0.5
+    inputs = (positive, negative, latent, mask)
+    dense = sample(ltxv, *inputs)
+    patched = comfy_nodes.NODE_CLASS_MAPPINGS["USVSparseAttention"].execute(ltxv, 0.25, 0, "", "4x4x4").result[0]
+    with caplog.at_level(logging.WARNING, logger="usv"):
+        out = sample(patched, *inputs)
+    assert torch.equal(out, dense)
+    assert last_run(patched).paths()["dense:split"] == 3 * 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "usv" and "came in parts" in r.getMessage()]
+    assert len(warnings) == 1, warnings
