@@ -16,6 +16,16 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_report_header(config):
+    """Which ComfyUI release this run tests: the runtime's venv picks it (scripts/setup_runtime.sh)."""
+    from harness import runtime
+
+    try:
+        return f"ComfyUI {'.'.join(map(str, runtime.comfyui_version()))} at {runtime.comfyui_dir()}"
+    except (RuntimeError, OSError) as e:
+        return f"ComfyUI: not found ({e})"
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
