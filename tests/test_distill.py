@@ -1,0 +1,143 @@
+"""Sparse DMD2 on tiny models (usv_core.distill): the student's sparse forward is Wan's forward with
+VSA and token merging in it, gradients reach the student through the sparse kernels, one student
+step moves its samples toward the distribution-matching target, the fake score learns, and the
+dense-student flag trains a dense student."""
+
+import os
+
+import pytest
+import torch
+
+from usv_core.distill import Sparsity, SparseWanDiT
+from usv_core.distill.config import from_args
+from usv_core.distill.dist import Dist
+from usv_core.distill.loop import Trainer
+from usv_core.distill.models import tiny_teacher
+
+X_SHAPE = (1, 16, 2, 16, 16)  # grid (2, 8, 8): four 4x4x4 cubes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two shared cores: more threads only contend on matrices this small
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def inputs(seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch,) + X_SHAPE[1:], generator=g)
+    return x, torch.full((batch,), 757.0), torch.randn(batch, 8, 4096, generator=g)
+
+
+def student(layers=3):
+    return SparseWanDiT.from_dit(tiny_teacher(0, layers))
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_sparse_forward_is_wans_forward_when_every_cube_is_kept():
+    model = student()
+    x, t, c = inputs()
+    stats = {}
+    with torch.no_grad():
+        dense = super(SparseWanDiT, model).forward(x, t, c)
+        kept = model(x, t, c, Sparsity(keep=0.99), stats=stats)  # ceil(0.99 * 4) = 4 cubes: exact
+    assert stats["sparse_calls"] == 3
+    assert rel(kept, dense) < 1e-5
+
+
+def test_sparse_forward_runs_vsa_and_merging_at_the_given_ratios():
+    model = student()
+    x, t, c = inputs()
+    stats = {}
+    with torch.no_grad():
+        dense = model(x, t, c)
+        sparse = model(x, t, c, Sparsity(keep=0.25, merge=0.5), stats=stats)
+    assert stats == {"sparse_calls": 3, "merged_share": 0.5}  # middle block merged: first and last never do
+    assert 1e-3 < rel(sparse, dense) < 0.5
+
+
+def _grads(model, sparsity, dtype=torch.float32):
+    x, t, c = inputs(1)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(x, t, c, sparsity)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradients_reach_every_block_through_sparse_attention_and_merging():
+    model = student()
+    grads = _grads(model, Sparsity(keep=0.25, merge=0.5, backend="reference"))
+    for i in range(3):
+        for name in ("q", "k", "v", "o"):
+            g = grads[f"blocks.{i}.self_attn.{name}.weight"]
+            assert torch.isfinite(g).all() and g.abs().sum() > 0, f"no gradient in block {i} self_attn.{name}"
+    assert grads["patch_embedding.weight"].abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_gradients_through_the_triton_kernels_match_the_reference():
+    pytest.importorskip("triton")
+    model = student(layers=2)
+    sparse = dict(keep=0.5, merge=0.0)
+    ref = _grads(model, Sparsity(backend="reference", **sparse), torch.bfloat16)
+    tri = _grads(model, Sparsity(backend="triton", **sparse), torch.bfloat16)
+    for name in ("blocks.0.self_attn.q.weight", "blocks.1.self_attn.k.weight", "blocks.1.self_attn.v.weight"):
+        assert tri[name].abs().sum() > 0
+        assert rel(tri[name], ref[name]) < 0.05, name
+
+
+def tiny_trainer(tmp_path, *extra):
+    cfg = from_args(["--out", str(tmp_path), "--tiny", "--keep", "0.25", "--merge", "0.5", *extra])
+    return Trainer(cfg, Dist())
+
+
+def test_one_student_step_lowers_the_dmd_loss_on_a_fixed_batch(tmp_path):
+    tr = tiny_trainer(tmp_path, "--lr", "1e-4", "--betas", "0.9", "0.999")
+    step = 3  # a draw whose schedule step goes through the sparse student more than once
+    loss, x0, target, stats = tr.student_loss(step)
+    assert loss.requires_grad and stats["real_gap"] > 0
+    tr.opt_student.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is not None for p in tr.student.parameters() if p.requires_grad)
+    tr.opt_student.step()
+    with torch.no_grad():
+        _, x0_after, _, _ = tr.student_loss(step)  # the same draw: same noise, prompts and step
+    before = 0.5 * torch.nn.functional.mse_loss(x0.detach(), target)
+    after = 0.5 * torch.nn.functional.mse_loss(x0_after, target)
+    assert after < before * 0.999, (float(before), float(after))
+
+
+def test_the_fake_score_learns_the_students_samples(tmp_path):
+    tr = tiny_trainer(tmp_path, "--fake-lr", "1e-4")
+    losses = [tr.fake_step(step=0, i=0) for _ in range(6)]  # one fixed batch of student samples
+    # most of a flow-matching loss is the noise it cannot predict: a small, steady fall is learning
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.99 * losses[0], losses
+
+
+def test_dense_student_flag_trains_a_dense_student(tmp_path):
+    tr = tiny_trainer(tmp_path, "--dense-student")
+    assert tr.sparsity.is_dense
+    stats = {}
+    x, t, c = inputs()
+    with torch.no_grad():
+        tr.student(x, t, c, tr.sparsity_at(1), stats=stats)
+    assert stats == {}
+
+
+def test_bad_settings_say_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match="keep must be in"):
+        from_args(["--out", str(tmp_path), "--keep", "0"])
+    with pytest.raises(SystemExit):
+        from_args(["--out", str(tmp_path), "--schedule", "nine-step"])
+    cfg = from_args(["--out", str(tmp_path), "--frames", "18"])
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        cfg.latent_shape()

@@ -1,0 +1,124 @@
+"""The recipe's settings: one dataclass, read from the command line. Defaults are the USV World v2
+student's (fastwan-3step, keep 0.2, merge 0.5, teacher CFG 5, 5 fake-score updates per student
+update); --tiny shrinks everything for a CPU smoke test."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from .. import dmd
+from ..world import weights
+from .student import Sparsity
+
+CUBES = {"4x4x4": (4, 4, 4), "1x8x8": (1, 8, 8), "2x4x8": (2, 4, 8)}  # as USV Sparse Attention offers them
+
+
+@dataclass
+class Config:
+    out: str = ""
+    teacher: str = ""  # Wan 2.1 t2v safetensors; "" = the shipped USV World DiT
+    text: str = ""  # USV World caption encoder; "" = the shipped one
+    embeddings: str = ""  # instead of --text: safetensors with "cond" (P, L, 4096) and "uncond" (1, L, 4096)
+    # schedule the student is trained on and will be sampled with (USV DMD Sigmas)
+    schedule: str = "fastwan-3step"
+    timesteps: str = ""  # schedule "custom" only
+    shift: float = 1.0  # schedule "custom" only
+    # sparsity of the student's forward (USV Sparse Attention / USV Token Merge at inference)
+    keep: float = 0.2
+    merge: float = 0.5
+    cube: str = "4x4x4"
+    dense_steps: int = 0
+    dense_student: bool = False  # distil dense; sparsify only at inference (the comparison)
+    backend: str = "auto"
+    # DMD2
+    cfg: float = 5.0
+    fake_updates: int = 5
+    dmd_shift: float = 8.0  # the re-noising level s = shift(u), u ~ U(min_t, max_t); 8 is the teacher's
+    min_t: float = 0.02
+    max_t: float = 0.98
+    lr: float = 5e-5
+    fake_lr: float = 5e-5
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch: int = 8  # per process
+    frames: int = 17
+    size: int = 256
+    steps: int = 2000  # student updates
+    seed: int = 0
+    # running
+    stop_after: float = 0.0  # seconds of this command, then save and stop (the same command resumes)
+    stop_at_step: int = 0  # stop (after saving) at this student step; 0: never
+    save_every: int = 100  # student steps between checkpoints
+    save_seconds: float = 120.0  # and at most this many seconds between them
+    log_every: int = 10
+    compile: bool = False
+    tiny: bool = False
+    tiny_layers: int = 3  # three, so that the middle block merges (first and last never do)
+    export_rank: int = 0  # also write a LoRA of this rank beside the full model; 0: full model only
+
+    @property
+    def ckpt(self) -> str:
+        return os.path.join(self.out, "ckpt", "state.safetensors")
+
+    def sigmas(self) -> list[float]:
+        return dmd.preset_sigmas(self.schedule, self.timesteps, self.shift)
+
+    def sparsity(self) -> Sparsity:
+        if self.dense_student:
+            return Sparsity(backend=self.backend)
+        return Sparsity(keep=self.keep, merge=self.merge, cube=CUBES[self.cube], dense_steps=self.dense_steps,
+                        backend=self.backend)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        if (self.frames - 1) % 4 or self.size % 16:
+            raise ValueError(f"--frames must be 1 + 4k and --size a multiple of 16 (Wan's VAE and patch), "
+                             f"got {self.frames} frames at {self.size}")
+        return (16, (self.frames - 1) // 4 + 1, self.size // 8, self.size // 8)
+
+    def teacher_path(self) -> str:
+        return self.teacher or weights.default_path(weights.DIT_FILE)
+
+    def text_path(self) -> str:
+        return self.text or weights.default_path(weights.TEXT_FILE)
+
+    def recipe(self) -> dict:
+        """What must not change between a run and its resumption."""
+        keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "dense_steps", "dense_student", "cfg",
+                "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "seed", "tiny")
+        return {k: getattr(self, k) for k in keys}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m usv_core.distill",
+                                description="Sparse DMD2: distil a Wan-layout flow-matching DiT into a few-step "
+                                            "student that runs VSA and token merging. Run the same command again "
+                                            "to resume from OUT/ckpt.")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            p.add_argument(name, action="store_true")
+        elif isinstance(value, tuple):
+            p.add_argument(name, type=float, nargs=len(value), default=value)
+        else:
+            p.add_argument(name, type=type(value), default=value, required=f.name == "out")
+    return p
+
+
+def from_args(argv=None) -> Config:
+    a = parser().parse_args(argv)
+    cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
+    if cfg.cube not in CUBES:
+        raise SystemExit(f"--cube must be one of {', '.join(CUBES)}, got {cfg.cube!r}")
+    if cfg.schedule not in dmd.PRESET_NAMES:
+        raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
+    if cfg.tiny:
+        cfg.frames, cfg.size, cfg.batch = min(cfg.frames, 5), min(cfg.size, 128), min(cfg.batch, 2)
+        cfg.fake_updates = min(cfg.fake_updates, 2)
+    cfg.sparsity()  # fails early on a bad keep or merge ratio
+    return cfg

@@ -1,0 +1,238 @@
+"""The DMD2 loop: per student step, `fake_updates` flow-matching updates of the fake-score network
+on fresh student samples (the faster time scale), then one distribution-matching update of the
+student. Every random draw of step n comes from a generator seeded by (seed, n, rank, role), so a
+resumed run takes exactly the steps an uninterrupted one would."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from .. import dmd
+from . import checkpoint, export
+from .config import Config
+from .data import Embeddings, WorldCaptions
+from .dist import Dist, shard
+from .losses import StudentDraw, dmd_gradient, dmd_loss, fake_score_loss, student_sample
+from .models import build, read_wan_state
+from .student import DENSE
+
+FAKE, STUDENT = 1, 2
+SHARED = 2**31  # the "rank" of draws every process makes alike
+STUDENT_FILE = "student_dit.safetensors"
+LORA_FILE = "student_lora.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+def _norm(value) -> float:
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, d: Dist):
+        self.cfg, self.d = cfg, d
+        self.device = d.device
+        self.sigmas = cfg.sigmas()
+        if len(self.sigmas) < 2 or self.sigmas[-1] != 0.0:
+            raise ValueError(f"schedule {cfg.schedule} must end at sigma 0, got {self.sigmas}")
+        self.sparsity = cfg.sparsity()
+        teacher_sd = None if cfg.tiny else read_wan_state(cfg.teacher_path())
+        teacher, fake, student = build(teacher_sd, cfg.seed, cfg.tiny_layers)
+        self.teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()}  # the LoRA's base
+        if cfg.embeddings:
+            self.data = Embeddings(cfg.embeddings)
+        elif cfg.tiny:
+            self.data = WorldCaptions.tiny(cfg.seed)
+        else:
+            self.data = WorldCaptions.from_file(cfg.text_path())
+        if self.device.type == "cuda":
+            teacher = teacher.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
+        self.teacher = shard(teacher.to(self.device), d)
+        self.fake = shard(fake.to(self.device), d)
+        self.student = shard(student.to(self.device), d)
+        kw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, **kw)
+        self.opt_fake = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr, **kw)
+        self.step, self.seconds = 0, 0.0
+        if os.path.exists(cfg.ckpt):
+            self._resume()
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _modules(self):
+        return {"student": self.student, "fake": self.fake}, {"student": self.opt_student, "fake": self.opt_fake}
+
+    def _resume(self) -> None:
+        info = checkpoint.read_info(self.cfg.ckpt)
+        if info.get("recipe") != self.cfg.recipe():
+            changed = sorted(k for k in self.cfg.recipe() if info.get("recipe", {}).get(k) != self.cfg.recipe()[k])
+            raise SystemExit(f"{self.cfg.ckpt} was written with other settings ({', '.join(changed)}); "
+                             "run with the same settings to resume, or give a fresh --out")
+        modules, opts = self._modules()
+        checkpoint.load(self.cfg.ckpt, modules, opts)
+        self.step, self.seconds = int(info["step"]), float(info["seconds"])
+
+    def save(self) -> None:
+        modules, opts = self._modules()
+        info = {"step": self.step, "seconds": self.seconds, "recipe": self.cfg.recipe()}
+        checkpoint.save(self.cfg.ckpt, self.d, modules, opts, info)
+
+    def export(self) -> list[str]:
+        sd = checkpoint.full_model_state(self.student)
+        paths = []
+        if self.d.main:
+            recipe = dict(self.cfg.recipe(), steps_trained=self.step)
+            paths.append(os.path.join(self.cfg.out, STUDENT_FILE))
+            export.save_full(sd, paths[-1], recipe)
+            if self.cfg.export_rank:
+                paths.append(os.path.join(self.cfg.out, LORA_FILE))
+                export.save_lora(sd, self.teacher_sd, paths[-1], self.cfg.export_rank, recipe)
+        self.d.barrier()
+        return paths
+
+    # --- one step -------------------------------------------------------------------------
+
+    def generator(self, step: int, role: int, i: int = 0, rank: int | None = None) -> torch.Generator:
+        rank = self.d.rank if rank is None else rank
+        seed = int(np.random.SeedSequence([self.cfg.seed, step, rank, role, i]).generate_state(1)[0])
+        return torch.Generator().manual_seed(seed)
+
+    def _draw(self, step: int, role: int, i: int = 0):
+        """Conditioning, the student's draw, and the re-noising (noise, s) of its sample."""
+        cfg, b = self.cfg, self.cfg.batch
+        shape = (b, *cfg.latent_shape())
+        # The schedule step is shared by all processes: it sets how many forwards the step runs,
+        # and sharded models gather their weights once per forward on every process together.
+        k = int(torch.randint(0, len(self.sigmas) - 1, (1,), generator=self.generator(step, role, i, rank=SHARED)))
+        gen = self.generator(step, role, i)
+        cond, uncond, _ = self.data.batch(gen, b, self.device)
+        noise = [torch.randn(shape, generator=gen).to(self.device) for _ in range(k + 1)]
+        u = cfg.min_t + (cfg.max_t - cfg.min_t) * torch.rand(b, generator=gen, dtype=torch.float64)
+        s = torch.tensor([dmd.shift_time(float(x), cfg.dmd_shift) for x in u], dtype=torch.float32, device=self.device)
+        eps = torch.randn(shape, generator=gen).to(self.device)
+        return cond, uncond, StudentDraw(noise, k), s, eps
+
+    def sparsity_at(self, i: int):
+        return DENSE if i < self.sparsity.dense_steps else self.sparsity
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def fake_step(self, step: int, i: int) -> float:
+        cond, _, draw, s, eps = self._draw(step, FAKE, i)
+        with self._autocast():
+            x0 = student_sample(self.student, draw, self.sigmas, cond, self.sparsity_at, grad=False)
+            loss = fake_score_loss(self.fake, x0, eps, s, cond)
+        self.opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.cfg.grad_clip)
+        self.opt_fake.step()
+        return float(loss.detach())
+
+    def student_loss(self, step: int):
+        """(DMD surrogate loss with its graph, the student's x0, the target it is pulled to, stats)."""
+        cond, uncond, draw, s, eps = self._draw(step, STUDENT)
+        with self._autocast():
+            x0 = student_sample(self.student, draw, self.sigmas, cond, self.sparsity_at, grad=True)
+            grad, stats = dmd_gradient(self.teacher, self.fake, x0, eps, s, cond, uncond, self.cfg.cfg)
+            loss = dmd_loss(x0, grad)
+        stats.update(student_step=draw.step, sigma=float(s.mean()))
+        return loss, x0, (x0 - grad).detach(), stats
+
+    def train_step(self) -> dict:
+        t0 = time.time()
+        fake_losses = [self.fake_step(self.step, i) for i in range(self.cfg.fake_updates)]
+        loss, _, _, stats = self.student_loss(self.step)
+        self.opt_student.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
+        self.opt_student.step()
+        out = {"dmd": float(loss.detach()), "fake": float(np.mean(fake_losses)) if fake_losses else 0.0,
+               "grad_norm": _norm(gnorm), **stats}
+        out = self.d.mean(out)
+        out["student_step"] = int(round(out["student_step"]))
+        self.step += 1
+        out["step"], out["step_seconds"] = self.step, time.time() - t0
+        return out
+
+    # --- the run --------------------------------------------------------------------------
+
+    def _log_file(self):
+        """The JSON-lines log, cut back to the checkpoint's step: a killed run's steps after its
+        last checkpoint are trained again and logged again, once."""
+        path = os.path.join(self.cfg.out, LOG_FILE)
+        if self.d.main:
+            os.makedirs(self.cfg.out, exist_ok=True)
+        if self.d.main and os.path.exists(path):
+            with open(path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+        return open(path, "a") if self.d.main else None
+
+    def run(self, say=print) -> dict:
+        cfg = self.cfg
+        start = time.time()
+        spent0, last_save = self.seconds, time.time()
+        log = self._log_file()
+        if self.d.main:
+            say(f"distill: {cfg.schedule} {self.sigmas}, student {'dense' if self.sparsity.is_dense else f'keep {self.sparsity.keep:g} merge {self.sparsity.merge:g}'}, "
+                f"{self.d.world} process(es) on {self.device.type}, from step {self.step}/{cfg.steps}")
+        stats: dict = {}
+        stopped = None
+        try:
+            while self.step < cfg.steps:
+                if cfg.stop_at_step and self.step >= cfg.stop_at_step:
+                    stopped = f"--stop-at-step {cfg.stop_at_step}"
+                    break
+                if cfg.stop_after and time.time() - start > cfg.stop_after:
+                    stopped = f"--stop-after {cfg.stop_after:g}s"
+                    break
+                stats = self.train_step()
+                self.seconds = spent0 + time.time() - start
+                stats["seconds"] = self.seconds
+                if log:
+                    log.write(json.dumps(stats) + "\n")
+                    log.flush()
+                if self.d.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    rate = self.seconds / max(1, self.step)
+                    eta = (cfg.steps - self.step) * stats["step_seconds"]
+                    say(f"step {self.step}/{cfg.steps} | dmd {stats['dmd']:.4f} | fake {stats['fake']:.4f} | "
+                        f"{stats['step_seconds']:.2f} s/step ({rate:.2f} mean) | eta {eta / 60:.1f} min")
+                if self.step % cfg.save_every == 0 or time.time() - last_save > cfg.save_seconds:
+                    self.save()
+                    last_save = time.time()
+        finally:
+            if log:
+                log.close()
+        self.save()
+        if stopped:
+            if self.d.main:
+                say(f"stopped at step {self.step} ({stopped}); the state is in {cfg.ckpt}: run the same command to resume")
+            return {"step": self.step, "stopped": stopped, **stats}
+        paths = self.export()
+        if self.d.main:
+            say(f"done: {self.step} steps in {self.seconds:.0f}s; student: {', '.join(paths)}")
+        return {"step": self.step, "files": paths, **stats}
+
+
+def main(cfg: Config) -> dict:
+    from .dist import close, init
+
+    d = init()
+    try:
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        torch.manual_seed(cfg.seed)  # only initialisations outside the per-step generators
+        return Trainer(cfg, d).run()
+    finally:
+        close(d)
