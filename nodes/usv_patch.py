@@ -265,6 +265,11 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         dit[key] = BlockHook(key, dit.get(key), index)
     replace["dit"] = dit
     opts["patches_replace"] = replace
+    # a feature that reshapes the whole call (USV Sequence Parallel) goes on top of all of the above
+    for feature in list(patch.features.values()):
+        wrap = getattr(feature, "wrap_call", None)
+        if wrap is not None:
+            opts = wrap(ctx, opts)
     bound.arguments["transformer_options"] = opts
     return executor(*bound.args, **bound.kwargs)
 
@@ -314,6 +319,10 @@ class AttentionOverride:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
 
+    # Opaque to torch.compile: routing reads the step, block and call counters of this call, and a
+    # traced copy would guard on them and compile again every step. Attention is one kernel either
+    # way, so a graph break around it costs little; the blocks around it stay compiled.
+    @torch.compiler.disable
     def __call__(self, func, *args, **kwargs):
         opts = kwargs.get("transformer_options") or {}
         ctx: CallContext | None = opts.get(CALL_KEY)
