@@ -1,0 +1,56 @@
+"""Resuming python3 -m usv_core.distill: a run stopped (or killed) and started again with the same
+command ends in exactly the state of a run that was never interrupted, logs every step once, and
+a checkpoint written with other settings is refused with what to do."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from usv_core.distill.config import from_args
+from usv_core.distill.dist import Dist
+from usv_core.distill.loop import LOG_FILE, STUDENT_FILE, Trainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(out, *extra):
+    cfg = from_args(["--out", str(out), "--tiny", "--steps", "4", "--save-every", "2", "--keep", "0.25", *extra])
+    return Trainer(cfg, Dist()).run(say=lambda _msg: None)
+
+
+def steps_logged(out):
+    with open(os.path.join(out, LOG_FILE)) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(whole)
+    first = run(split, "--stop-at-step", "3")
+    assert first["stopped"] and first["step"] == 3 and not (split / STUDENT_FILE).exists()
+    # a run killed after logging step 4 but before its next checkpoint: that step is trained again
+    with open(split / LOG_FILE, "a") as f:
+        f.write(json.dumps({"step": 4, "dmd": 0.0}) + "\n")
+    run(split)
+    assert steps_logged(split) == [1, 2, 3, 4]
+    a, b = load_file(whole / "ckpt" / "state.safetensors"), load_file(split / "ckpt" / "state.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("opt.fake.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(load_file(whole / STUDENT_FILE)["head.head.weight"], load_file(split / STUDENT_FILE)["head.head.weight"])
+    assert not [p for p in os.listdir(split / "ckpt") if p.endswith(".tmp")]
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    run(tmp_path, "--stop-at-step", "1")
+    with pytest.raises(SystemExit, match="keep.*fresh --out"):
+        run(tmp_path, "--keep", "0.5")
