@@ -10,10 +10,12 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from .accelerate import USVAccelerate
     from .dmd import USVDMDSampler, USVDMDSigmas
     from .model_info import USVModelInfo
+    from .multigpu import USVSequenceParallel
     from .policy import USVPolicy
     from .report import USVReport
     from .sparse_attention import USVSparseAttention
     from .token_merge import USVTokenMerge
+    from .vae_decode import USVVAEDecode
     from .world import USVWorldPrompt
 
     return [
@@ -26,6 +28,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
         USVPolicy,
         USVAccelerate,
         USVReport,
+        USVVAEDecode,
+        USVSequenceParallel,
     ]
 
 
