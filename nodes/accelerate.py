@@ -12,10 +12,18 @@ the policy cost extra. The speedup the node states is calibrated on measurement:
 2.1 1.3B at 480p x 81, an accelerated step took 0.636 of a dense one at speed 3 (work 1/3) and
 0.337 at speed 6 (work 1/6) (bench/results/wan_model_1.3B-480p_NVIDIA_H200.json); time = 0.036 +
 1.80 x work through those two points, read off for the other speeds (beyond 6 an extrapolation),
-for the steps after the first (dense) one; VAE and text encoder not included.
+for the accelerated steps; VAE and text encoder not included.
+
+Dense steps follow the schedule the node runs in (known only when sampling starts): a DMD
+schedule of 4 steps or fewer runs none (its first step is a third of a 3-step run, and already
+makes most of the video: dense it would be 57% of the run at speed 6), a longer one runs the
+first `dense_share` of its steps dense (docs/policy.md: ~30% of a 50-step run keeps the layout).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 from comfy_api.latest import io
 
@@ -28,7 +36,9 @@ from .usv_patch import patched_clone
 MAX_SPEED = 10
 KEEP_FLOOR = 0.02  # the least a head keeps: about 1 key cube in 50
 MERGE_CAP = 0.75  # the most a block merges away
-DENSE_STEPS = 1  # the first step lays out the composition
+FEW_STEPS = 4  # schedules this short (DMD distills) run no dense step
+DENSE_SHARE = 0.3  # share of a longer schedule's steps that run dense
+UNKNOWN_STEPS_DENSE = 1  # a sampler that names no schedule: the first step lays out the composition
 # time of an accelerated step / dense step = TIME_FIXED + TIME_PER_WORK x work (H200, see above)
 TIME_FIXED, TIME_PER_WORK = 0.036, 1.80
 
@@ -51,6 +61,60 @@ def work(speed: int, layers: int = 30, heads: int = 12, merging: bool = True) ->
     limits = core.Limits(heads, (KEEP_FLOOR,) * layers, (1.0,) * layers, (0.0,) * layers,
                          tuple(MERGE_CAP if b in merge_blocks else 0.0 for b in range(layers)))
     return core.allocate(None, config.budget, limits, mode="static").work
+
+
+def dense_steps(num_steps: int, share: float = DENSE_SHARE) -> int:
+    """Dense steps at the start of a schedule of num_steps (0: not known)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"dense_share must be a number from 0 to 1, got {share!r}")
+    if num_steps <= 0:
+        return UNKNOWN_STEPS_DENSE
+    if num_steps <= FEW_STEPS:
+        return 0
+    return min(num_steps, int(share * num_steps + 0.5))
+
+
+class _Scheduled:
+    """A feature whose dense steps are read off the running schedule: each call runs the plain
+    feature with dense_steps for this schedule (one per schedule length, made once)."""
+
+    def _for(self, ctx):
+        n = dense_steps(ctx.num_steps, self.dense_share)
+        made = self.resolved.get(n)
+        if made is None:
+            base = self.plain
+            made = base(**{f.name: getattr(self, f.name) for f in dataclasses.fields(base)} | {"dense_steps": n})
+            self.resolved[n] = made
+        return made
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSparseAttention(_Scheduled, SparseAttention):
+    plain: ClassVar[type] = SparseAttention
+    dense_share: float = DENSE_SHARE
+    resolved: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def block_gate(self, ctx, args):
+        return self._for(ctx).block_gate(ctx, args)
+
+    def attend(self, ctx, call, text: int = 0):
+        return self._for(ctx).attend(ctx, call, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledTokenMerge(_Scheduled, TokenMerge):
+    plain: ClassVar[type] = TokenMerge
+    dense_share: float = DENSE_SHARE
+    resolved: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def run_block(self, ctx, args, extra, inner):
+        return self._for(ctx).run_block(ctx, args, extra, inner)
+
+
+def run_speedup(per_step: float, steps: int, share: float = DENSE_SHARE) -> float:
+    """DiT speedup of a whole run of `steps` whose accelerated steps are per_step times faster."""
+    dense = dense_steps(steps, share)
+    return steps / (dense + (steps - dense) / per_step)
 
 
 def speedup_at(work_share: float) -> float:
@@ -76,7 +140,9 @@ class USVAccelerate(io.ComfyNode):
             category="USV",
             description=(
                 "One knob for USV: sparse attention, token merging and the entropy policy together. Speed s keeps "
-                "1/s of the dense work per step after the first (dense) one, spent where attention is spread. "
+                "1/s of the dense work per accelerated step, spent where attention is spread. Schedules of 4 steps "
+                "or fewer (DMD distills) accelerate every step; longer ones run their first dense_share of steps "
+                "dense. "
                 f"Expected DiT speedup per step, calibrated on an H200 with Wan 2.1 1.3B at 480p x 81 frames: {_table()}. "
                 "Smaller videos gain less (attention is a smaller share). Speed 1 leaves the model as it is."
             ),
@@ -84,28 +150,39 @@ class USVAccelerate(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Int.Input("speed", default=3, min=1, max=MAX_SPEED, step=1, display_mode=io.NumberDisplay.slider,
                              tooltip=f"1 = dense (unchanged), {MAX_SPEED} = most aggressive. Expected speedup: {_table()}."),
+                # optional: API-format prompts written before it existed still validate
+                io.Float.Input("dense_share", default=DENSE_SHARE, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip=f"Share of the steps that run dense first, on schedules of more than {FEW_STEPS} "
+                                       f"steps: they lay out the composition (0.3 of 50 steps = 15). Schedules of "
+                                       f"{FEW_STEPS} steps or fewer (DMD) run none."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, speed) -> io.NodeOutput:
+    def execute(cls, model, speed, dense_share=DENSE_SHARE) -> io.NodeOutput:
         config = settings(int(speed))
+        dense_steps(0, dense_share)  # a bad share is an error now, not when sampling starts
         if config is None:
             return io.NodeOutput(model, ui={"text": ("speed 1: dense, the model is unchanged",)})
         facts, adapter = adapter_for(model)
-        sparse = SparseAttention(keep=KEEP_FLOOR, dense_steps=DENSE_STEPS, dense_blocks=frozenset(),
-                                 cube=CUBES["4x4x4"], policy=config)
+        share = float(dense_share)
+        sparse = ScheduledSparseAttention(keep=KEEP_FLOOR, dense_steps=UNKNOWN_STEPS_DENSE, dense_blocks=frozenset(),
+                                          cube=CUBES["4x4x4"], policy=config, dense_share=share)
         out = patched_clone(model, adapter, "sparse_attention", sparse)
         merging = adapter is WanAdapter  # token merging has a Wan adapter only
         if merging:
-            merge = TokenMerge(ratio=MERGE_CAP, dense_steps=DENSE_STEPS, blocks=default_blocks(facts.layers),
-                               metric="keys", policy=config)
+            merge = ScheduledTokenMerge(ratio=MERGE_CAP, dense_steps=UNKNOWN_STEPS_DENSE,
+                                        blocks=default_blocks(facts.layers), metric="keys", policy=config,
+                                        dense_share=share)
             out = patched_clone(out, adapter, "token_merge", merge)
         w = work(int(speed), facts.layers, facts.heads, merging)
         x = speedup_at(w)
-        text = (f"speed {speed}: budget {config.budget:.0%} of dense work per step after the first "
-                f"(cost model: {w:.0%} reachable); expected about {x:.1f}x faster denoising per step "
+        text = (f"speed {speed}: budget {config.budget:.0%} of dense work per accelerated step "
+                f"(cost model: {w:.0%} reachable); expected about {x:.1f}x faster denoising per accelerated step "
                 f"(calibrated on an H200, Wan 2.1 1.3B at 480p x 81 frames; "
-                f"sparse attention{' + token merging' if merging else ''} + entropy policy)")
+                f"sparse attention{' + token merging' if merging else ''} + entropy policy). "
+                f"Dense steps: none on schedules of {FEW_STEPS} steps or fewer (DMD: about {x:.1f}x for the run), "
+                f"the first {share:.0%} of longer ones ({dense_steps(50, share)} of 50 steps: about "
+                f"{run_speedup(x, 50, share):.1f}x for the run)")
         return io.NodeOutput(out, ui={"text": (text,)})
