@@ -1,20 +1,65 @@
-"""The training script runs end to end (tiny sizes, CPU, seconds) and writes files that load."""
+"""The training script runs end to end (tiny sizes, CPU, seconds), writes files that load, and a
+run stopped by its time limit or by a step budget resumes from its checkpoint."""
 
 import json
 import os
 
+import torch
+
 from usv_core.world import train, weights
+from usv_core.world.checkpoint import load_state, save_state
 
 
-def test_train_tiny_end_to_end(tmp_path):
-    train.main(["--out", str(tmp_path), "--tiny"])
-    names = sorted(os.listdir(tmp_path))
-    for n in ("usv_world_dit.safetensors", "usv_world_vae.safetensors", "usv_world_text.safetensors",
-              "curves.json", "curves.png", "world_teacher.json", "samples.png"):
-        assert n in names
+def test_train_tiny_stops_resumes_and_finishes(tmp_path, capsys):
+    out = str(tmp_path)
+    # A time limit already spent: the VAE phase saves its state and the command ends cleanly.
+    assert train.main(["--out", out, "--tiny", "--stop-after", "1e-9"]) == 0
+    assert "run the same command again to resume" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "ckpt" / "vae_state.safetensors")
+    assert not os.path.exists(tmp_path / "usv_world_dit.safetensors")
+
+    assert train.main(["--out", out, "--tiny", "--dit-steps", "2", "--no-eval"]) == 0
+    assert "vae: resumed at step 1" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "world_teacher.json"))["dit_steps"] == 2
+
+    # A larger budget trains on from the checkpoint instead of starting over.
+    assert train.main(["--out", out, "--tiny"]) == 0
+    log = capsys.readouterr().out
+    assert "vae: read back" in log and "dit: resumed at step 2" in log
     result = json.load(open(tmp_path / "world_teacher.json"))
+    assert result["dit_steps"] == 3 and len(result["commands"]) == 3
     assert 0.0 <= result["world_score"] <= 1.0 and result["seconds_per_video"] > 0
+    assert set(result) >= {"world_score_se", "presence", "shape_ok", "smooth", "moving", "colour_presence", "vae_psnr_db"}
+    names = set(os.listdir(tmp_path))
+    assert names >= {"usv_world_dit.safetensors", "usv_world_vae.safetensors", "usv_world_text.safetensors",
+                     "curves.json", "curves.png", "world_teacher.json", "samples.png"}
     dit = weights.load_dit(str(tmp_path / "usv_world_dit.safetensors"))
     vae = weights.load_vae(str(tmp_path / "usv_world_vae.safetensors"))
     text = weights.load_text(str(tmp_path / "usv_world_text.safetensors"))
     assert dit.dim == 128 and vae.dim == 4 and text.encode("a red circle").shape == (1, 16, 4096)
+
+
+def test_checkpoint_resumes_the_same_optimisation(tmp_path):
+    """Two steps straight equal one step, save, load into fresh objects, one step."""
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    def step(m, opt, i):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        m(x).pow(2).mean().backward()
+        opt.step()
+
+    m, opt = make()
+    step(m, opt, 0)
+    step(m, opt, 1)
+    m2, opt2 = make()
+    step(m2, opt2, 0)
+    save_state(str(tmp_path / "s.safetensors"), {"m": m2}, {"m": opt2}, {"step": 1})
+    m3, opt3 = make()
+    assert load_state(str(tmp_path / "s.safetensors"), {"m": m3}, {"m": opt3}) == {"step": 1}
+    step(m3, opt3, 1)
+    for a, b in zip(m.parameters(), m3.parameters()):
+        assert torch.equal(a, b)

@@ -230,6 +230,9 @@ def train_dit(a, dev, rng, lat, ids, curves, ckpt: str):
         log(f"dit: resumed at step {step} after {spent:.0f}s")
     curves.setdefault("dit", [])
     resumed_at = step
+    # A checkpoint without the optimizer's moments (a small one, carried between machines) starts
+    # Adam afresh: warm its learning rate up again rather than take full steps on empty moments.
+    warm_from = step if step and not opt.state else 0
     compiled = bool(a.compile) and dev.type == "cuda"
     set_compiled(dit, compiled)
     empty = torch.tensor(text.tokenize("", warn=False), device=dev)
@@ -248,7 +251,7 @@ def train_dit(a, dev, rng, lat, ids, curves, ckpt: str):
             last_save = time.time()
         frac = (time.time() - t_start) / a.dit_seconds
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(a.lr, frac, step, 200)
+            g["lr"] = cosine_lr(a.lr, frac, step - warm_from, 200)
         idx = torch.from_numpy(rng.integers(0, n, a.batch)).to(dev)
         x0 = lat[idx].float()
         tok = ids[idx]
@@ -372,6 +375,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global START
+    START = time.time()  # --stop-after counts from here, also when main is called more than once
     a = parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     ckpt = a.ckpt or os.path.join(a.out, "ckpt")
