@@ -68,7 +68,7 @@ def _grads(model, sparsity, dtype=torch.float32):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = model(x, t, c, sparsity)
     (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_gradients_reach_every_block_through_sparse_attention_and_merging():
@@ -92,6 +92,17 @@ def test_gradients_through_the_triton_kernels_match_the_reference():
     for name in ("blocks.0.self_attn.q.weight", "blocks.1.self_attn.k.weight", "blocks.1.self_attn.v.weight"):
         assert tri[name].abs().sum() > 0
         assert rel(tri[name], ref[name]) < 0.05, name
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from usv_core.distill.dist import checkpoint_blocks
+
+    sparsity = Sparsity(keep=0.25, merge=0.5)
+    plain = _grads(student(), sparsity)
+    recomputed = _grads(checkpoint_blocks(student()), sparsity)
+    assert plain.keys() == recomputed.keys()
+    for name, g in plain.items():
+        assert torch.allclose(g, recomputed[name], rtol=1e-4, atol=1e-9), name
 
 
 def tiny_trainer(tmp_path, *extra):

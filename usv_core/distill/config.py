@@ -41,7 +41,7 @@ class Config:
     max_t: float = 0.98
     lr: float = 5e-5
     fake_lr: float = 5e-5
-    betas: tuple[float, float] = (0.0, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch: int = 8  # per process
@@ -55,7 +55,7 @@ class Config:
     save_every: int = 100  # student steps between checkpoints
     save_seconds: float = 120.0  # and at most this many seconds between them
     log_every: int = 10
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward: a Wan 1.3B at 480p x 81 needs it on 80 GB
     tiny: bool = False
     tiny_layers: int = 3  # three, so that the middle block merges (first and last never do)
     export_rank: int = 0  # also write a LoRA of this rank beside the full model; 0: full model only

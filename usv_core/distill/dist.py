@@ -58,6 +58,17 @@ def close(d: Dist) -> None:
         td.destroy_process_group()
 
 
+def checkpoint_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep only each block's input for backward and recompute the rest (before sharding, so that
+    FSDP2 wraps the checkpointed blocks). Recomputing a sparse block reuses its call's merge plan
+    and selects the same cubes, so gradients are those of the forward that ran."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    blocks = set(model.blocks)
+    apply_activation_checkpointing(model, check_fn=lambda m: m in blocks)
+    return model
+
+
 def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """FSDP2 over all processes: each block its own unit (gathered just before it runs, freed after),
     the embeddings and head in the root unit. A single process is left as it is."""

@@ -18,7 +18,7 @@ from .. import dmd
 from . import checkpoint, export
 from .config import Config
 from .data import Embeddings, WorldCaptions
-from .dist import Dist, shard
+from .dist import Dist, checkpoint_blocks, shard
 from .losses import StudentDraw, dmd_gradient, dmd_loss, fake_score_loss, student_sample
 from .models import build, read_wan_state
 from .student import DENSE
@@ -53,6 +53,8 @@ class Trainer:
             self.data = WorldCaptions.from_file(cfg.text_path())
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
+        if cfg.activation_checkpointing:
+            fake, student = checkpoint_blocks(fake), checkpoint_blocks(student)
         self.teacher = shard(teacher.to(self.device), d)
         self.fake = shard(fake.to(self.device), d)
         self.student = shard(student.to(self.device), d)
