@@ -28,7 +28,8 @@ Files: diffusion_models/FastWan2.1-T2V-1.3B_bf16.safetensors (FastVideo's FastWa
 converted to ComfyUI's layout), text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors,
 vae/wan_2.1_vae.safetensors. FastWan was distilled with VSA at 80% sparsity: keep 0.2 on every
 step, and gate_weights names the same checkpoint so that its to_gate_compress weights drive the
-coarse branch. USV DMD Sigmas (fastwan-3step) and USV DMD Sampler do the 3 steps, no CFG."""
+coarse branch. USV DMD Sigmas (fastwan-3step) and USV DMD Sampler do the 3 steps, no CFG. USV VAE
+Decode is ComfyUI's VAE Decode up to bf16 rounding, faster on the GPU (elsewhere it runs ComfyUI's)."""
 
 
 def world_prompt() -> dict:
