@@ -120,6 +120,10 @@ def report(model) -> tuple[object, str]:
     timing = timing_line(run, device_name(model))
     if timing:
         lines.append(timing)
+    split = sorted({p.split(":")[1] for p in run.paths() if p.startswith("sequence-parallel:")})
+    if split:
+        lines.append(f"sequence parallel: {', '.join(split)} ranks, every block on its share of the tokens "
+                     f"(statistics of this rank's heads)")
     if len(devices) > 1:
         names = ", ".join(str(getattr(model, "load_device", "?") if d is None else d) for d in devices)
         lines.append(f"devices: {len(devices)} (MultiGPU; statistics of {names} merged)")

@@ -113,3 +113,18 @@ def test_cfg_split_over_two_devices_matches_one_device_and_report_merges_them(co
     assert same(merged) == same(single)
     assert any(line.startswith("measured on") for line in lines), merged
     assert torch.allclose(merged_image, single_image, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_multigpu_cfg_split_on_two_gpus(comfy_nodes, multigpu, wan):
+    """The same on real GPUs, through comfy.multigpu.create_multigpu_deepclones (what MultiGPU CFG
+    Split calls): runs with `scripts/test.sh -m gpu tests/test_multigpu.py` on a 2-GPU machine."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    one = node(comfy_nodes, "USVSparseAttention", wan, 0.25, 1, "", "4x4x4")
+    two = multigpu.create_multigpu_deepclones(one, 2)
+    assert torch.allclose(sample(two), sample(one), rtol=1e-3, atol=1e-3)
+    main = patch_of(two)
+    assert len(main.devices) == 1
+    [extra] = main.devices.values()
+    assert main.last_run.paths()["sparse"] == 8 and extra.last_run.paths()["sparse"] == 8

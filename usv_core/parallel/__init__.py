@@ -12,7 +12,7 @@ Forward only (inference): the collectives carry no gradients.
 from .attention import sequence_parallel_vsa
 from .comm import gather_tokens, heads_to_seq, seq_to_heads, shard_sizes, shard_tokens
 from .merge import plan_merge_parallel
-from .spawn import free_port, spawn
+from .spawn import spawn
 
 __all__ = ["sequence_parallel_vsa", "seq_to_heads", "heads_to_seq", "shard_sizes", "shard_tokens", "gather_tokens",
-           "plan_merge_parallel", "spawn", "free_port"]
+           "plan_merge_parallel", "spawn"]
