@@ -88,8 +88,34 @@ class Config:
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
         keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "dense_steps", "dense_student", "cfg",
-                "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "seed", "tiny")
+                "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "seed", "tiny", "tiny_layers")
         return {k: getattr(self, k) for k in keys}
+
+
+HELP = {
+    "out": "folder for the student, log.jsonl and ckpt/ (the same --out resumes)",
+    "teacher": "Wan 2.1 t2v safetensors (default: the shipped USV World DiT)",
+    "text": "USV World caption encoder (default: the shipped one)",
+    "embeddings": "precomputed text conditioning for a real Wan teacher: safetensors with cond (P, L, 4096), uncond (1, L, 4096)",
+    "schedule": "few-step schedule trained and sampled with (a USV DMD Sigmas preset, or custom)",
+    "keep": "VSA keep ratio of the student's forward (USV Sparse Attention's keep)",
+    "merge": "token-merging ratio of the student's forward (USV Token Merge's ratio)",
+    "dense_steps": "schedule steps that run dense (set the nodes' dense_steps to the same)",
+    "dense_student": "distil a dense student (sparsify it only at inference): the comparison",
+    "backend": "vsa_attention backend: auto (Triton on CUDA), triton, reference",
+    "cfg": "teacher's classifier-free guidance scale in the real score",
+    "fake_updates": "fake-score updates per student update (the two time scales)",
+    "dmd_shift": "time shift of the re-noising level of the distribution-matching loss",
+    "batch": "samples per process per update",
+    "steps": "student updates in all (over every resumed command)",
+    "stop_after": "seconds for this command; then save and stop (run it again to resume)",
+    "stop_at_step": "save and stop at this student step",
+    "save_every": "student steps between checkpoints",
+    "save_seconds": "most seconds between checkpoints",
+    "activation_checkpointing": "recompute block activations in backward (Wan 1.3B at 480p needs it)",
+    "tiny": "CPU smoke test: a random 3-block teacher, 5 frames at 128 x 128",
+    "export_rank": "also write a LoRA of this rank against the teacher (0: full model only)",
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,11 +128,12 @@ def parser() -> argparse.ArgumentParser:
         name = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
-            p.add_argument(name, action="store_true")
+            p.add_argument(name, action="store_true", help=HELP.get(f.name))
         elif isinstance(value, tuple):
-            p.add_argument(name, type=float, nargs=len(value), default=value)
+            p.add_argument(name, type=float, nargs=len(value), default=value, help=HELP.get(f.name))
         else:
-            p.add_argument(name, type=type(value), default=value, required=f.name == "out")
+            p.add_argument(name, type=type(value), default=value, required=f.name == "out",
+                           help=HELP.get(f.name, "") + (f" (default {value})" if value != "" else ""))
     return p
 
 
