@@ -12,7 +12,9 @@ Rows: "setting", "denoise_s", "decode_s" (ComfyUI's decoder for the dense row, U
 the USV rows), "dit_speedup", "e2e_speedup" (both against the dense row of the same model).
 Decode: "decoder", "seconds", "exact" (max abs error <= 0.02 on [-1, 1] against ComfyUI's decode of
 the same latent and weights), "max_abs_err_vs_comfy", "peak_gb" (peak allocated during the call
-above what was allocated before it, VAE weights already loaded).
+above what was allocated before it, VAE weights already loaded), and for the 1.3B latent
+"max_abs_err_vs_float32" against ComfyUI's float32 decode with TF32 off: bf16 rounding noise on
+random weights is about as large as the 0.02 criterion, so ComfyUI's own bf16 row says how large.
 """
 
 from __future__ import annotations
@@ -212,11 +214,33 @@ def time_decode(fn, latent, repeats, device):
     return statistics.median(times), (peak if free_cache else None), out
 
 
-def random_vae(dim: int):
+def random_vae(dim: int, dtype=None):
     import comfy.sd
     from harness import tiny_models
 
-    return comfy.sd.VAE(sd=tiny_models.wan21_vae_state_dict(0, dim=dim))
+    return comfy.sd.VAE(sd=tiny_models.wan21_vae_state_dict(0, dim=dim), dtype=dtype)
+
+
+def float32_reference(nodes, vae_dim, latent, device):
+    """ComfyUI's decode in float32 with TF32 off: the numbers bf16 decoders are measured against
+    for their rounding noise (on random weights ComfyUI's own bf16 decode is ~0.06 off it on the
+    CPU, above the 0.02 of the issue's criterion, so both errors are reported)."""
+    import torch
+
+    vae = random_vae(vae_dim, dtype=torch.float32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+            t0 = time.perf_counter()
+            out = nodes.VAEDecode().decode(vae, {"samples": latent})[0].float().cpu()
+            sync(device)
+            seconds = time.perf_counter() - t0
+            usv = nodes.NODE_CLASS_MAPPINGS["USVVAEDecode"].execute({"samples": latent}, vae).result[0].float().cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    del vae
+    return out, seconds, usv
 
 
 def lighttae_vae(nodes):
@@ -253,7 +277,7 @@ def decode_rows(nodes, latent_shape, vae_dim, args, device, with_peers: bool) ->
     vae = random_vae(vae_dim)
     latent = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(9))
     shape = "x".join(str(s) for s in latent_shape)
-    rows, ref = [], None
+    rows, ref, ref32 = [], None, None
     # ComfyUI's decode at full size would not fit the CPU's patience in the smoke run; its numbers
     # are what the other rows are checked against
     candidates = [("comfyui", lambda z: nodes.VAEDecode().decode(vae, {"samples": z})[0], False),
@@ -269,6 +293,21 @@ def decode_rows(nodes, latent_shape, vae_dim, args, device, with_peers: bool) ->
 
         candidates.append(("usv_core, cudnn.benchmark on", usv_benchmark, False))
         candidates.append(("kjnodes PatchTritonVAE", None, False))
+        ref32 = None
+        try:
+            ref32, seconds32, usv32 = float32_reference(nodes, vae_dim, latent, device)
+            err = 2.0 * (usv32 - ref32).abs().max().item()
+            # the algorithm itself, without bf16 in the way: this must be ~1e-5
+            rows.append({"decoder": "usv float32 (TF32 off) vs comfyui float32", "latent": shape, "lossy": False,
+                         "seconds": None, "comfyui_float32_seconds": seconds32, "peak_gb": None,
+                         "max_abs_err_vs_comfy": err, "exact": bool(err <= 1e-3)})
+            print(f"  decode {shape} usv float32 vs comfyui float32: max abs err {err:.2e} on [-1, 1]", flush=True)
+            del usv32
+            free(device)
+        except Exception as e:
+            traceback.print_exc()
+            rows.append({"decoder": "usv float32 (TF32 off) vs comfyui float32", "latent": shape,
+                         "error": f"{type(e).__name__}: {e}"})
         candidates.append(("lighttaew2_1 (VAELoader, random weights)", None, True))
     for name, fn, lossy in candidates:
         row = {"decoder": name, "latent": shape, "lossy": lossy}
@@ -291,6 +330,8 @@ def decode_rows(nodes, latent_shape, vae_dim, args, device, with_peers: bool) ->
                     raise RuntimeError(f"output {tuple(out.shape)} != ComfyUI's {tuple(ref.shape)}")
                 err = 2.0 * (out - ref).abs().max().item()  # [0, 1] -> [-1, 1]
                 row.update(max_abs_err_vs_comfy=err, exact=bool(err <= EXACT and torch.isfinite(out).all()))
+            if ref32 is not None and not lossy:
+                row["max_abs_err_vs_float32"] = 2.0 * (out.float().cpu() - ref32).abs().max().item()
             del out
         except Exception as e:
             traceback.print_exc()
@@ -317,6 +358,34 @@ def finish(rows, decode_seconds, model):
         if r["decode_s"] is not None and comfy_s is not None:
             r["e2e_speedup"] = (dense["denoise_s"] + comfy_s) / (r["denoise_s"] + r["decode_s"])
     return rows
+
+
+def calibration(rows, model) -> dict | None:
+    """USV Accelerate's time per work from this run: every step of a 3-step DMD run is accelerated
+    (no dense step on schedules of 4 steps or fewer), so time(speed s) / time(DMD dense) is the
+    accelerated step's share of a dense one, at the cost model's work for s; a line through those
+    points is nodes/accelerate.py's TIME_FIXED + TIME_PER_WORK x work."""
+    from harness import runtime
+
+    acc = runtime.pack_module("nodes.accelerate")
+    dim, _, layers, _ = MODELS[model]
+    dense = next((r for r in rows if r.get("key") == "dmd" and "denoise_s" in r), None)
+    if dense is None:
+        return None
+    points = []
+    for r in rows:
+        key = r.get("key", "")
+        if key.startswith("dmd+speed") and "+" not in key[4:] and "denoise_s" in r:
+            speed = int(key[len("dmd+speed"):])
+            points.append({"speed": speed, "work": acc.work(speed, layers, dim // 128),
+                           "time_vs_dense": r["denoise_s"] / dense["denoise_s"]})
+    out = {"model": model, "points": points, "node_now": {"TIME_FIXED": acc.TIME_FIXED, "TIME_PER_WORK": acc.TIME_PER_WORK}}
+    if len(points) >= 2:
+        import numpy as np
+
+        slope, fixed = np.polyfit([p["work"] for p in points], [p["time_vs_dense"] for p in points], 1)
+        out["fit"] = {"TIME_FIXED": float(fixed), "TIME_PER_WORK": float(slope)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -367,6 +436,7 @@ def main(argv=None) -> int:
         dec_rows, dec_s = decode_rows(nodes, MODELS[small][3], vae_dim, args, device, with_peers=True)
         report["rows"] += finish(rows, dec_s, small)
         report["decode"] += dec_rows
+        report["accelerate_calibration"] = calibration(rows, small)
         if not args.skip_14b:
             try:
                 rows = denoise_rows(nodes, big, big_settings, args, device, dtype, extrapolate_dense=True)

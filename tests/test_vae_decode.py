@@ -142,20 +142,33 @@ def test_the_given_vae_is_not_changed(wan_vae):
 @pytest.mark.gpu
 @pytest.mark.parametrize("frames,h,w", [(1, 27, 45), (5, 27, 45), (3, 60, 104)])
 def test_gpu_bf16_decode_is_vaedecode_up_to_bf16_rounding(comfy, frames, h, w):
-    """The real Wan 2.1 VAE architecture (dim 96), random weights, bf16 on the GPU: max abs error
-    <= 0.02 on [-1, 1] (0.01 on VAEDecode's [0, 1])."""
+    """The real Wan 2.1 VAE architecture (dim 96), random weights, on the GPU, 216 x 360 (odd) and
+    480 x 832 pixels. float32 with TF32 off: the same numbers as ComfyUI's float32 decode. bf16:
+    within 0.02 on [-1, 1] of VAEDecode, or, where ComfyUI's own bf16 rounding noise on random
+    weights is larger than that, no further from the float32 decode than ComfyUI's bf16 is."""
     import comfy.sd
-    from harness import tiny_models
-
-    vae = comfy.sd.VAE(sd=tiny_models.wan21_vae_state_dict(0, dim=96))
-    assert vae.vae_dtype == torch.bfloat16
-    from harness import runtime
+    from harness import runtime, tiny_models
 
     node = runtime.pack_module("nodes.vae_decode")
+    sd = tiny_models.wan21_vae_state_dict(0, dim=96)
+    vae16, vae32 = comfy.sd.VAE(sd=sd), comfy.sd.VAE(sd=sd, dtype=torch.float32)
+    assert vae16.vae_dtype == torch.bfloat16
     z = torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(frames))
-    with torch.inference_mode():
-        want = node.comfy_decode(vae, z)
-        got = node.decode_usv(vae, z)
-    assert node.why_not(vae, z) is None and got is not None
-    assert torch.isfinite(got).all() and got.shape == want.shape
-    assert (got - want).abs().max().item() * 2 <= 0.02
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            want32 = node.comfy_decode(vae32, z)
+            got32 = node.decode_usv(vae32, z)
+            want16 = node.comfy_decode(vae16, z)
+            got16 = node.decode_usv(vae16, z)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert node.why_not(vae16, z) is None and got16 is not None and got32 is not None
+    assert got16.shape == want16.shape == (1 + 4 * (frames - 1), 8 * h, 8 * w, 3)
+    assert torch.isfinite(got16).all() and torch.isfinite(got32).all()
+    assert (got32 - want32).abs().max().item() * 2 <= 1e-3  # [0, 1] -> [-1, 1]
+    err = (got16 - want16).abs().max().item() * 2
+    noise = (want16 - want32).abs().max().item() * 2  # ComfyUI's own bf16 rounding
+    ours = (got16 - want32).abs().max().item() * 2
+    assert err <= 0.02 or ours <= 1.25 * noise, (err, ours, noise)
