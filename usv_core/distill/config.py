@@ -46,7 +46,8 @@ class Config:
     grad_clip: float = 1.0
     batch: int = 8  # per process
     frames: int = 17
-    size: int = 256
+    size: int = 256  # height in pixels (and width unless --width)
+    width: int = 0  # 0: square; Wan 480p is --size 480 --width 832
     steps: int = 2000  # student updates
     seed: int = 0
     # running
@@ -74,10 +75,11 @@ class Config:
                         backend=self.backend)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
-        if (self.frames - 1) % 4 or self.size % 16:
-            raise ValueError(f"--frames must be 1 + 4k and --size a multiple of 16 (Wan's VAE and patch), "
-                             f"got {self.frames} frames at {self.size}")
-        return (16, (self.frames - 1) // 4 + 1, self.size // 8, self.size // 8)
+        width = self.width or self.size
+        if (self.frames - 1) % 4 or self.size % 16 or width % 16:
+            raise ValueError(f"--frames must be 1 + 4k and --size / --width multiples of 16 (Wan's VAE and patch), "
+                             f"got {self.frames} frames at {self.size} x {width}")
+        return (16, (self.frames - 1) // 4 + 1, self.size // 8, width // 8)
 
     def teacher_path(self) -> str:
         return self.teacher or weights.default_path(weights.DIT_FILE)
@@ -88,7 +90,7 @@ class Config:
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
         keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "dense_steps", "dense_student", "cfg",
-                "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "seed", "tiny", "tiny_layers")
+                "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -145,7 +147,7 @@ def from_args(argv=None) -> Config:
     if cfg.schedule not in dmd.PRESET_NAMES:
         raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
     if cfg.tiny:
-        cfg.frames, cfg.size, cfg.batch = min(cfg.frames, 5), min(cfg.size, 128), min(cfg.batch, 2)
+        cfg.frames, cfg.size, cfg.width, cfg.batch = min(cfg.frames, 5), min(cfg.size, 128), 0, min(cfg.batch, 2)
         cfg.fake_updates = min(cfg.fake_updates, 2)
     cfg.sparsity()  # fails early on a bad keep or merge ratio
     return cfg
