@@ -152,3 +152,17 @@ def test_bad_settings_say_what_to_change(tmp_path):
     cfg = from_args(["--out", str(tmp_path), "--frames", "18"])
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         cfg.latent_shape()
+
+
+@pytest.mark.gpu
+def test_tiny_distillation_runs_the_triton_kernels_on_the_gpu(tmp_path):
+    """On CUDA: bf16 autocast, the Triton forward and backward in the student, two full steps."""
+    cfg = from_args(["--out", str(tmp_path), "--tiny", "--keep", "0.25", "--merge", "0.5", "--steps", "2", "--backend", "triton"])
+    tr = Trainer(cfg, Dist(device=torch.device("cuda")))
+    result = tr.run(say=lambda _msg: None)
+    assert result["step"] == 2 and all(torch.isfinite(torch.tensor([result["dmd"], result["fake"], result["grad_norm"]])))
+    stats = {}
+    x, t, c = (v.cuda() for v in inputs())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        tr.student(x, t, c, tr.sparsity, stats=stats)
+    assert stats["sparse_calls"] == 3
