@@ -54,3 +54,21 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
     run(tmp_path, "--stop-at-step", "1")
     with pytest.raises(SystemExit, match="keep.*fresh --out"):
         run(tmp_path, "--keep", "0.5")
+
+
+def test_sigterm_saves_and_stops_after_the_step(tmp_path):
+    import signal
+
+    cfg = from_args(["--out", str(tmp_path), "--tiny", "--steps", "4", "--save-every", "100"])
+    tr = Trainer(cfg, Dist())
+    step = tr.train_step
+
+    def step_then_terminate():
+        out = step()
+        os.kill(os.getpid(), signal.SIGTERM)  # what a time limit sends
+        return out
+
+    tr.train_step = step_then_terminate
+    result = tr.run(say=lambda _msg: None)
+    assert result["stopped"] == "SIGTERM" and result["step"] == 1
+    assert Trainer(cfg, Dist()).step == 1  # the state was saved before stopping

@@ -29,6 +29,15 @@ class Dist:
         if self.sharded:
             td.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on one: decisions to stop are taken together,
+        or the others would wait in their next collective forever."""
+        if not self.sharded:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t.item())
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Averages logged numbers over processes (each saw its own batch)."""
         if not self.sharded or not values:

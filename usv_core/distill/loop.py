@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -190,12 +192,20 @@ class Trainer:
                 f"{self.d.world} process(es) on {self.device.type}, from step {self.step}/{cfg.steps}")
         stats: dict = {}
         stopped = None
+        terminated = []
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # a session's time limit ends the run with SIGTERM: finish the step, save, stop
+            previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
         try:
             while self.step < cfg.steps:
+                if self.d.any(bool(terminated)):
+                    stopped = "SIGTERM"
+                    break
                 if cfg.stop_at_step and self.step >= cfg.stop_at_step:
                     stopped = f"--stop-at-step {cfg.stop_at_step}"
                     break
-                if cfg.stop_after and time.time() - start > cfg.stop_after:
+                if self.d.any(bool(cfg.stop_after) and time.time() - start > cfg.stop_after):
                     stopped = f"--stop-after {cfg.stop_after:g}s"
                     break
                 stats = self.train_step()
@@ -209,12 +219,14 @@ class Trainer:
                     eta = (cfg.steps - self.step) * stats["step_seconds"]
                     say(f"step {self.step}/{cfg.steps} | dmd {stats['dmd']:.4f} | fake {stats['fake']:.4f} | "
                         f"{stats['step_seconds']:.2f} s/step ({rate:.2f} mean) | eta {eta / 60:.1f} min")
-                if self.step % cfg.save_every == 0 or time.time() - last_save > cfg.save_seconds:
+                if self.d.any(self.step % cfg.save_every == 0 or time.time() - last_save > cfg.save_seconds):
                     self.save()
                     last_save = time.time()
         finally:
             if log:
                 log.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         self.save()
         if stopped:
             if self.d.main:
