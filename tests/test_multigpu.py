@@ -25,7 +25,7 @@ def multigpu(comfy_nodes):
         from harness import runtime
 
         pytest.skip(f"ComfyUI {'.'.join(map(str, runtime.comfyui_version()))} has no comfy.multigpu "
-                    "(MultiGPU work units came with the 0.2x releases)")
+                    "(MultiGPU CFG Split; 0.28.1 has it)")
     return comfy.multigpu
 
 
