@@ -69,6 +69,10 @@ def test_shipped_weights_load_through_comfy_loaders(comfy):
     vae = nodes.VAELoader().load_vae("usv_world_vae.safetensors")[0]
     assert type(model.model.model_config).__name__ == "WAN21_T2V"
     assert float(model.model.model_sampling.shift) == 8.0
+    # the teacher the sparsification is measured on: enough layers and heads to allocate over
+    assert len(model.model.diffusion_model.blocks) >= 8 and model.model.diffusion_model.num_heads >= 2
+    shipped = [weights.default_path(f) for f in (weights.DIT_FILE, weights.VAE_FILE, weights.TEXT_FILE)]
+    assert sum(os.path.getsize(f) for f in shipped) <= 48 * 10**6
 
     ours = weights.load_dit()
     theirs = model.model.diffusion_model
