@@ -97,6 +97,9 @@ class ShardedAttention:
                                "remove the node (or the patch that changes the attention) to run this model")
         qh, kh, vh = (seq_to_heads(t, s.tokens, s.group) for t in (call.q, call.k, call.v))
         rest = {k: v for k, v in kwargs.items() if k not in _ATTN_PARAMS}
+        precision = dict(zip(_ATTN_PARAMS, args)).get("attn_precision", kwargs.get("attn_precision"))
+        if precision is not None:
+            rest["attn_precision"] = precision
         out = self._next(func, (qh, kh, vh), dict(rest, heads=qh.shape[1], skip_reshape=True,
                                                    skip_output_reshape=True))
         out = heads_to_seq(out, call.heads, s.group)  # (B, heads, n_rank, D)
