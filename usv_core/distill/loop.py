@@ -45,7 +45,8 @@ class Trainer:
         self.sparsity = cfg.sparsity()
         teacher_sd = None if cfg.tiny else read_wan_state(cfg.teacher_path())
         teacher, fake, student = build(teacher_sd, cfg.seed, cfg.tiny_layers)
-        self.teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()}  # the LoRA's base
+        # the LoRA's base, kept in host memory only where a LoRA will be written
+        self.teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()} if cfg.export_rank and d.main else None
         if cfg.embeddings:
             self.data = Embeddings(cfg.embeddings)
         elif cfg.tiny:
