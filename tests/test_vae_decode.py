@@ -94,7 +94,7 @@ def test_fused_kernel_path_through_the_whole_decoder(wan_vae):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_node_on_the_cpu_runs_comfyuis_decode_and_says_so_once(run_workflow, tiny_vae, caplog):
+def test_node_on_the_cpu_runs_comfyuis_decode_and_says_so_once(run_workflow, tiny_vae, wan_vae, caplog):
     from harness import runtime
 
     node = runtime.pack_module("nodes.vae_decode")
@@ -107,12 +107,7 @@ def test_node_on_the_cpu_runs_comfyuis_decode_and_says_so_once(run_workflow, tin
     assert torch.equal(got, want) and torch.equal(again, want)
     said = [r.getMessage() for r in caplog.records if "USV VAE Decode" in r.getMessage()]
     assert len(said) == 1 and "no CUDA device" in said[0] and "ComfyUI's own VAE decode runs" in said[0]
-    assert "no CUDA device" in node.why_not(_vae_of(run_workflow, tiny_vae), z)
-
-
-def _vae_of(run_workflow, tiny_vae):
-    g = {"vae": {"class_type": "VAELoader", "inputs": {"vae_name": tiny_vae}}}
-    return run_workflow(g, outputs=("vae",)).output("vae")
+    assert "no CUDA device" in node.why_not(wan_vae, z)
 
 
 def test_what_it_refuses_is_named(wan_vae):

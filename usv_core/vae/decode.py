@@ -12,6 +12,7 @@ How it differs from ComfyUI's code, for speed and memory, not in results:
   conv's own), and only the two frames of history are copied out for the next chunk;
 - RMS norm + the previous conv's bias + SiLU in one Triton kernel (norm.py);
 - the shortcut's 1x1x1 conv is a matrix product added in place, its bias folded into conv2's;
+- nearest 2x + 3x3 conv as one 2x2 conv making the four sub-pixel phases (weights.subpixel);
 - the output is written chunk by chunk into one tensor, never concatenated.
 """
 
@@ -91,8 +92,14 @@ class _Stream:
             frames = y.permute(0, 3, 1, 2)  # (2t, C, H, W), channels_last
         else:
             frames = x[0].transpose(0, 1)  # (t, C, H, W), channels_last
-        frames = F.interpolate(frames, scale_factor=2.0, mode="nearest-exact").contiguous(memory_format=torch.channels_last)
-        out = F.conv2d(frames, blk.conv, blk.bias, padding=1).contiguous(memory_format=torch.channels_last)
+        n = frames.shape[0]
+        c_out = blk.bias.shape[0] // 4
+        y = F.conv2d(frames, blk.conv, blk.bias, padding=1)  # (n, 4 c_out, h + 1, w + 1)
+        out = torch.empty((n, c_out, 2 * hh, 2 * ww), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        for a in (0, 1):
+            for b in (0, 1):
+                ab = 2 * a + b
+                out[:, :, a::2, b::2] = y[:, ab * c_out:(ab + 1) * c_out, a:a + hh, b:b + ww]
         return out.transpose(0, 1).unsqueeze(0)  # (1, C', t', 2H, 2W), channels_last_3d
 
     def chunk(self, dec: Decoder, z: torch.Tensor, first: bool) -> torch.Tensor:
@@ -138,7 +145,7 @@ def decode(dec: Decoder, z: torch.Tensor, out: torch.Tensor | None = None, backe
             for j in range(t):
                 y = stream.chunk(dec, zc[:, :, j:j + 1], first=j == 0)
                 n = y.shape[2]
-                out[i, f0:f0 + n].copy_(y[0].permute(1, 2, 3, 0))
+                out[i, f0:f0 + n].copy_(y[0, :dec.rgb].permute(1, 2, 3, 0))
                 f0 += n
             del stream
     return out
