@@ -166,3 +166,43 @@ def test_tiny_distillation_runs_the_triton_kernels_on_the_gpu(tmp_path):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         tr.student(x, t, c, tr.sparsity, stats=stats)
     assert stats["sparse_calls"] == 3
+
+
+def test_a_wan_checkpoint_as_comfyui_keeps_it_with_precomputed_text_embeddings(tmp_path):
+    """The real-Wan path: a teacher file with ComfyUI's "model.diffusion_model." prefix and text
+    conditioning from a file instead of the world's caption encoder."""
+    from safetensors.torch import save_file
+
+    teacher = tiny_teacher(0, 3).state_dict()
+    save_file({"model.diffusion_model." + k: v.to(torch.bfloat16) for k, v in teacher.items()}, tmp_path / "wan.safetensors")
+    save_file({"cond": torch.randn(3, 12, 4096), "uncond": torch.zeros(1, 12, 4096)}, tmp_path / "umt5.safetensors")
+    cfg = from_args(["--out", str(tmp_path / "run"), "--teacher", str(tmp_path / "wan.safetensors"),
+                     "--embeddings", str(tmp_path / "umt5.safetensors"), "--frames", "5", "--size", "128", "--width", "64",
+                     "--batch", "1", "--fake-updates", "1", "--steps", "1"])
+    tr = Trainer(cfg, Dist())
+    assert torch.equal(tr.teacher.blocks[0].ffn[0].weight, teacher["blocks.0.ffn.0.weight"].to(torch.bfloat16).float())
+    result = tr.run(say=lambda _msg: None)
+    assert result["step"] == 1 and (tmp_path / "run" / "student_dit.safetensors").exists()
+
+
+def test_not_a_wan_file_is_refused_with_what_to_give(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="not a Wan 2.1 text-to-video DiT"):
+        Trainer(from_args(["--out", str(tmp_path), "--teacher", str(tmp_path / "x.safetensors")]), Dist())
+
+
+SHIPPED = all(os.path.exists(p) for p in (from_args(["--out", "x"]).teacher_path(), from_args(["--out", "x"]).text_path()))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="models/ holds no trained USV World model")
+def test_default_run_distils_the_shipped_usv_world_teacher(tmp_path):
+    cfg = from_args(["--out", str(tmp_path), "--frames", "5", "--size", "128", "--batch", "1", "--fake-updates", "1",
+                     "--steps", "1"])
+    tr = Trainer(cfg, Dist())
+    assert len(tr.student.blocks) == len(tr.teacher.blocks) and tr.sparsity.keep == 0.2 and tr.sparsity.merge == 0.5
+    _, _, prompts = tr.data.batch(torch.Generator().manual_seed(0), 2, "cpu")
+    assert all(p.startswith("a ") for p in prompts)  # world captions, e.g. "a red circle and a blue square"
+    result = tr.run(say=lambda _msg: None)
+    assert result["step"] == 1 and result["real_gap"] > 0
