@@ -44,7 +44,7 @@ class Config:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    batch: int = 8  # per process
+    batch: int = 16  # per process; at USV World sizes a GPU is launch-bound, so 16 costs about what 8 does
     frames: int = 17
     size: int = 256  # height in pixels (and width unless --width)
     width: int = 0  # 0: square; Wan 480p is --size 480 --width 832
