@@ -2,7 +2,7 @@
 encoder with flow matching on cached latents; then evaluate the dense teacher (50 steps, CFG 5)
 with the world score and time it.
 
-    python3 -m usv_core.world.train --out DIR --stop-after 560   # GPU; run again to resume
+    python3 -m usv_core.world.train --out DIR --stop-after 535   # GPU; the same command again resumes
     python3 -m usv_core.world.train --out DIR --tiny             # CPU smoke test, seconds
 
 Every phase has a time budget, so the whole run ends on time on any card. The training state goes
@@ -351,7 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--compile", type=int, default=1, help="1: torch.compile the DiT on a GPU (falls back to eager if it fails)")
-    p.add_argument("--dit-seconds", type=float, default=540)
+    p.add_argument("--dit-seconds", type=float, default=450, help="seconds of DiT training in all, over every command (v2 shipped with 450)")
     p.add_argument("--dit-steps", type=int, default=10**9)
     p.add_argument("--no-eval", action="store_true", help="train and save only")
     p.add_argument("--steps", type=int, default=50)
