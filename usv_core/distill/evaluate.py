@@ -3,7 +3,9 @@ samples it (the few-step schedule, stochastic re-noising with the sampler's seed
 at the given sparsity: the rows of the ablation (sparse-distilled, or a dense student made sparse
 only here).
 
-    python3 -m usv_core.distill.evaluate --student OUT/student_dit.safetensors --keep 0.2 --merge 0.5"""
+    python3 -m usv_core.distill.evaluate --student OUT/student_dit.safetensors --keep 0.2 --merge 0.5
+    python3 -m usv_core.distill.evaluate --student models/diffusion_models/usv_world_dit.safetensors --teacher-steps 50
+        (the dense teacher's row at the same frames and size: Euler, shift 8, CFG --cfg)"""
 
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--teacher-steps", type=int, default=0,
+                   help="sample as the teacher samples instead (this many Euler steps with CFG, dense); 0: the few-step schedule")
+    p.add_argument("--cfg", type=float, default=5.0, help="CFG of --teacher-steps")
     p.add_argument("--json", default="", help="also write the result here")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,8 +70,13 @@ def main(argv=None) -> int:
     sparsity = Sparsity(keep=a.keep, merge=a.merge, cube=CUBES[a.cube], dense_steps=a.dense_steps)
     prompts = ev.held_out_prompts(a.prompts)
     t0 = time.time()
-    videos = generate(student, text, vae, prompts, dev, dmd.preset_sigmas(a.schedule), sparsity,
-                      frames=a.frames, size=a.size, batch=a.batch)
+    if a.teacher_steps:
+        videos = ev.generate(student, text, vae, prompts, dev, frames=a.frames, size=a.size, steps=a.teacher_steps,
+                             cfg=a.cfg, batch=a.batch)
+        a.schedule = f"euler {a.teacher_steps} steps cfg {a.cfg:g}"
+    else:
+        videos = generate(student, text, vae, prompts, dev, dmd.preset_sigmas(a.schedule), sparsity,
+                          frames=a.frames, size=a.size, batch=a.batch)
     result = {"student": a.student, "schedule": a.schedule, "keep": a.keep, "merge": a.merge, "dense_steps": a.dense_steps,
               "prompts": len(prompts), "seconds": time.time() - t0, **ev.summarise(videos, prompts)}
     print(f"world score {result['world_score']:.3f} +- {result['world_score_se']:.3f} over {len(prompts)} prompts "
