@@ -83,6 +83,18 @@ def test_fast_decode_matches_vaedecode_on_odd_sizes(run_workflow, tiny_vae, wan_
     assert want.std() > 0.05  # the random VAE makes a picture, not a constant
 
 
+def test_a_batch_of_two_videos_decodes_each_as_vaedecode_does(wan_vae):
+    from harness import runtime
+
+    node = runtime.pack_module("nodes.vae_decode")
+    z = torch.randn(2, 16, 2, 2, 3, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = node.comfy_decode(wan_vae, z)
+        got = node.decode_usv(wan_vae, z)
+    assert want.shape == got.shape == (2 * 5, 16, 24, 3)  # the batches' frames one after the other
+    assert (got - want).abs().max() <= 1e-4
+
+
 def test_fused_kernel_path_through_the_whole_decoder(wan_vae):
     """The decode with the Triton kernel (interpreted on the CPU) equals its PyTorch-norm twin."""
     sd = wan_vae.first_stage_model.state_dict()
