@@ -66,7 +66,7 @@ def test_new_inputs_come_after_the_released_ones(comfy_nodes):
                                            "policy"]
     assert names("USVTokenMerge") == ["model", "ratio", "dense_steps", "blocks", "metric", "policy"]
     assert names("USVPolicy") == ["budget", "gamma", "refresh", "mode", "early"]
-    assert names("USVAccelerate") == ["model", "speed"]
+    assert names("USVAccelerate") == ["model", "speed", "dense_share"]  # new widgets go last
     assert names("USVReport") == ["model", "latent"]
 
 
@@ -154,7 +154,9 @@ def test_accelerate_with_the_dmd_sampler_and_report(run_workflow, wan4, conds, l
     assert torch.isfinite(sampled(result)).all()
     run = last_run(result, "acc")
     assert run.steps == 4
-    assert run.policy.refreshed_at == [1, 3]  # refresh 2 from the first controlled step
+    # a 4-step schedule runs no dense step: step 0 decides before any entropy is seen, step 1 again
+    # once it is, then every second step
+    assert run.policy.refreshed_at == [0, 1, 3]
     paths = run.paths()
     assert paths["sparse"] > 0 and paths["merged"] > 0
     # budget 0.25 is beyond this 4-block model's reach (first and last blocks never merge, attention
