@@ -9,10 +9,11 @@ merging takes over; the first and last blocks never merge.
 
 Work is not time: sparse tiles run below the dense kernel's rate and the coarse pass, merging and
 the policy cost extra. The speedup the node states is calibrated on measurement: on an H200, Wan
-2.1 1.3B at 480p x 81, an accelerated step took 0.636 of a dense one at speed 3 (work 1/3) and
-0.337 at speed 6 (work 1/6) (bench/results/wan_model_1.3B-480p_NVIDIA_H200.json); time = 0.036 +
-1.80 x work through those two points, read off for the other speeds (beyond 6 an extrapolation),
-for the accelerated steps; VAE and text encoder not included.
+2.1 1.3B at 480p x 81 through the real nodes in a 3-step DMD run with no dense step, a step took
+0.306 of a dense one at speed 6 (work 1/6) and 0.192 at speed 10 (work 1/10)
+(bench/results/e2e_NVIDIA_H200.json, bench/e2e.py); time = 0.0205 + 1.713 x work through those
+two points, read off for the other speeds, for the accelerated steps; VAE and text encoder not
+included. Other cards differ: USV Report measures the user's own.
 
 Dense steps follow the schedule the node runs in (known only when sampling starts): a DMD
 schedule of 4 steps or fewer runs none (its first step is a third of a 3-step run, and already
@@ -40,7 +41,7 @@ FEW_STEPS = 4  # schedules this short (DMD distills) run no dense step
 DENSE_SHARE = 0.3  # share of a longer schedule's steps that run dense
 UNKNOWN_STEPS_DENSE = 1  # a sampler that names no schedule: the first step lays out the composition
 # time of an accelerated step / dense step = TIME_FIXED + TIME_PER_WORK x work (H200, see above)
-TIME_FIXED, TIME_PER_WORK = 0.036, 1.80
+TIME_FIXED, TIME_PER_WORK = 0.0205, 1.713
 
 
 def settings(speed: int) -> core.PolicyConfig | None:
