@@ -53,6 +53,17 @@ make_venv() {
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 }
 
+# One build per venv at a time (test runs started together would otherwise pip into the same venv):
+# wait for the lock, then look at the stamp again. Returns 0 when the runtime is already built.
+built_after_lock() {
+  mkdir -p "$VENV"
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>"$VENV/.usv-build.lock"
+    flock 9
+  fi
+  [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]
+}
+
 if [[ -z "$SOURCE" ]]; then
   VENV="${USV_VENV:-$ROOT/.venv}"
   STAMP="$VENV/.usv-runtime"
@@ -75,6 +86,7 @@ if [[ -z "$SOURCE" ]]; then
   if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]; then
     exit 0
   fi
+  built_after_lock && exit 0
   echo "[usv] building the test runtime in $VENV (one time, a few minutes)" >&2
   make_venv
   pip_install "${PKGS[@]}"
@@ -106,6 +118,10 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]; then
   exit 0
 fi
 
+if built_after_lock; then
+  echo "$VENV"
+  exit 0
+fi
 echo "[usv] building the ComfyUI $VERSION test runtime in $VENV (one time, a few minutes)" >&2
 make_venv
 if [[ -d "$SOURCE" ]]; then
