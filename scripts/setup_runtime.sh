@@ -70,6 +70,12 @@ if [[ -z "$SOURCE" ]]; then
   # A venv built for another release remembers its source: rebuild that one.
   if [[ -f "$VENV/usv-comfyui-source" ]]; then
     SOURCE="$(cat "$VENV/usv-comfyui-source")"
+    # Its source may be gone (a moved tarball); a built runtime still runs.
+    if [[ ! -e "$SOURCE" && -f "$STAMP" ]]; then
+      echo "[usv] $SOURCE is gone; using the runtime in $VENV as built" >&2
+      echo "$VENV"
+      exit 0
+    fi
   fi
 fi
 
