@@ -166,3 +166,20 @@ def tiny_ltxv(seed: int = 4, num_layers: int = 2):
     model = config.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed=seed))
     return _patcher(model)
+
+
+def sample_wan(model, steps: int = 3, cond_extra: dict | None = None, latent_shape=(1, 16, 3, 16, 16), cfg: float = 4.0):
+    """Sample a Wan MODEL (a ModelPatcher) through ComfyUI's CFGGuider and euler, with fixed noise
+    and the stand-in conditioning of seeds 1 (positive) and 2 (negative); `cond_extra` goes into
+    both conditionings (reference_latents, context_latents, ...). Runs under inference_mode, as
+    ComfyUI's executor runs nodes."""
+    import comfy.samplers
+
+    extra = cond_extra or {}
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([[text_conditioning(1), dict(extra)]], [[text_conditioning(2), dict(extra)]])
+    guider.set_cfg(cfg)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return guider.sample(noise, torch.zeros(latent_shape), comfy.samplers.sampler_object("euler"), sigmas, seed=0)

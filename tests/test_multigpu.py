@@ -54,16 +54,7 @@ def split(multigpu, model):
 
 
 def sample(model, steps=3):
-    import comfy.samplers
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds([[tiny_models.text_conditioning(1), {}]], [[tiny_models.text_conditioning(2), {}]])
-    guider.set_cfg(4.0)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
-    latent = torch.zeros(1, 16, 3, 16, 16)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+    return tiny_models.sample_wan(model, steps)
 
 
 

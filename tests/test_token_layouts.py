@@ -28,16 +28,7 @@ def wan_ref(comfy_nodes):
 
 
 def sample(model, cond_extra, steps=2):
-    import comfy.samplers
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds([[tiny_models.text_conditioning(1), dict(cond_extra)]],
-                     [[tiny_models.text_conditioning(2), dict(cond_extra)]])
-    guider.set_cfg(4.0)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
-    noise = torch.randn(GRID_LATENT, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return guider.sample(noise, torch.zeros(GRID_LATENT), comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+    return tiny_models.sample_wan(model, steps, cond_extra, GRID_LATENT)
 
 
 def sparse(comfy_nodes, model, keep):
