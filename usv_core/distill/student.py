@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..attention import vsa_attention, vsa_attention_blocked
 from ..merge import plan_merge
-from ..world.dit import PATCH, Block, WanDiT, rope_tables, timestep_features
+from ..world.dit import Block, WanDiT
 
 METRICS = ("keys", "hidden")
 
@@ -150,14 +150,7 @@ class SparseWanDiT(WanDiT):
     def forward(self, x, timestep, context, sparsity: Sparsity | None = None, stats: dict | None = None):  # type: ignore[override]
         if sparsity is None or sparsity.is_dense:
             return super().forward(x, timestep, context)
-        b, _, t, h, w = x.shape
-        x = self.patch_embedding(x.float()).to(x.dtype)
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)
-        e = self.time_embedding(timestep_features(timestep).to(x.dtype)).view(b, 1, self.dim)
-        e0 = self.time_projection(e).unflatten(2, (6, self.dim))
-        context = self.text_embedding(context.to(x.dtype))
-        rope = rope_tables(grid, device=x.device)
+        x, grid, e, e0, context, rope = self.embed(x, timestep, context)
         ctx = CallContext(grid, sparsity, sparsity.merging_blocks(len(self.blocks)))
         for i, block in enumerate(self.blocks):
             x = block(x, e0, rope, context, ctx, i)
@@ -165,8 +158,4 @@ class SparseWanDiT(WanDiT):
             stats.update(ctx.stats)
             if ctx.plan is not None:
                 stats["merged_share"] = ctx.plan.num_merged / ctx.plan.num_tokens
-        x = self.head(x, e)
-        gt, gh, gw = grid
-        x = x.view(b, gt, gh, gw, *PATCH, self.out_dim)
-        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
-        return x.reshape(b, self.out_dim, gt * PATCH[0], gh * PATCH[1], gw * PATCH[2])
+        return self.output(x, e, grid)

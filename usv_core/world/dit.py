@@ -137,18 +137,27 @@ class WanDiT(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, 16, T, H, W) normalised latents, timestep (B,) in [0, 1000], context (B, L, 4096)
         -> velocity (B, 16, T, H, W). H and W must be even (the patch is 2 x 2)."""
-        b, _, t, h, w = x.shape
+        x, grid, e, e0, context, rope = self.embed(x, timestep, context)
+        for block in self.blocks:
+            x = block(x, e0, rope, context)
+        return self.output(x, e, grid)
+
+    def embed(self, x, timestep, context):
+        """What the blocks take: tokens (B, N, dim), the token grid, the time embedding e and its
+        per-block modulation e0, the embedded context and the rope tables."""
+        b = x.shape[0]
         x = self.patch_embedding(x.float()).to(x.dtype)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         e = self.time_embedding(timestep_features(timestep).to(x.dtype)).view(b, 1, self.dim)
         e0 = self.time_projection(e).unflatten(2, (6, self.dim))
         context = self.text_embedding(context.to(x.dtype))
-        rope = rope_tables(grid, device=x.device)
-        for block in self.blocks:
-            x = block(x, e0, rope, context)
+        return x, grid, e, e0, context, rope_tables(grid, device=x.device)
+
+    def output(self, x, e, grid) -> torch.Tensor:
+        """The head on the blocks' tokens, unpatchified: (B, N, dim) -> (B, c, T p, H q, W r)."""
+        b = x.shape[0]
         x = self.head(x, e)
-        # (B, N, p q r c) -> (B, c, T p, H q, W r)
         gt, gh, gw = grid
         x = x.view(b, gt, gh, gw, *PATCH, self.out_dim)
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
