@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -403,22 +401,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from wan_model import av_stand_in
+    from wan_model import boot_comfy
 
-    av_stand_in()
     from harness import runtime
 
-    logging.disable(logging.WARNING)
-    nodes = runtime.boot()
-    logging.disable(logging.NOTSET)
-    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    nodes, device, dtype, card = boot_comfy(args.cpu_smoke)
     if device.type == "cpu" and not args.cpu_smoke:
         raise SystemExit("no CUDA device: this benchmark is for the GPU (--cpu-smoke checks its code path)")
     small, big = ("tiny", "tiny-big") if args.cpu_smoke else ("1.3B-480p", "14B-720p")
     if args.cpu_smoke:
         args.dense_steps, args.repeats, args.decode_repeats, args.big_dense_steps = 3, 1, 1, 1
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     vae_dim = 16 if args.cpu_smoke else 96  # Wan 2.1's VAE is dim 96
     settings = [s for s in args.settings.split(",") if s]
     big_settings = [s for s in args.big_settings.split(",") if s]

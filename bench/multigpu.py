@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,22 +65,12 @@ def sample(patcher, latent, cond, steps: int, repeats: int, device, dist):
 
 
 def _rank(rank: int, world: int, args) -> None:
-    import logging
-
     import torch
     import torch.distributed as dist
 
-    from bench.wan_model import av_stand_in
-    from harness import runtime
+    from bench.wan_model import boot_comfy
 
-    av_stand_in()
-    logging.disable(logging.WARNING)
-    nodes = runtime.boot()
-    logging.disable(logging.NOTSET)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not args.cpu_smoke \
-        else torch.device("cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    nodes, device, dtype, card = boot_comfy(args.cpu_smoke)
 
     base = build(args.size, device, dtype)
     C, T, H, W = SIZES[args.size][3]

@@ -54,6 +54,25 @@ def av_stand_in() -> None:
         module(name)
 
 
+def boot_comfy(cpu: bool):
+    """(nodes, device, dtype, card): ComfyUI booted quietly with the pack, on the current CUDA
+    device in bf16, or on the CPU in float32 when asked or when there is no GPU."""
+    import logging
+
+    import torch
+
+    from harness import runtime
+
+    av_stand_in()
+    logging.disable(logging.WARNING)
+    nodes = runtime.boot()
+    logging.disable(logging.NOTSET)
+    if cpu or not torch.cuda.is_available():
+        return nodes, torch.device("cpu"), torch.float32, platform.processor() or "cpu"
+    device = torch.device("cuda", torch.cuda.current_device())
+    return nodes, device, torch.bfloat16, torch.cuda.get_device_name(device)
+
+
 def build_model(size: str, device, dtype):
     """Random weights in the checkpoint layout, loaded through ComfyUI's own loader, so that the
     model runs with the operations and dtypes a user's Wan would."""
@@ -118,19 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
 
-    import logging
-
     import torch
 
-    av_stand_in()
-    from harness import runtime
-
-    logging.disable(logging.WARNING)
-    nodes = runtime.boot()
-    logging.disable(logging.NOTSET)
-    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    nodes, device, dtype, card = boot_comfy(args.cpu)
 
     base = build_model(args.size, device, dtype)
     C, T, H, W = SIZES[args.size][3]
