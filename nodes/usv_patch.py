@@ -161,20 +161,13 @@ def _on_cleanup(patcher, *_rest):
         patch.on_cleanup()
 
 
-def _own_patch(model) -> USVPatch | None:
-    """Give `model` a copy of its patch of its own; returns that copy."""
-    opts = model.model_options.get("transformer_options")
-    patch = opts.get(PATCH_KEY) if isinstance(opts, dict) else None
-    if patch is None:
-        return None
-    # clone() copied transformer_options itself (a dict) on every release, so this never
-    # reaches the model it was cloned from
-    opts[PATCH_KEY] = patch.copy()
-    return opts[PATCH_KEY]
-
-
 def _on_clone(_original, clone, *_rest):
-    _own_patch(clone)
+    """ON_CLONE: the clone gets a copy of the patch of its own. clone() copied transformer_options
+    itself (a dict) on every release, so the copy never reaches the model it was cloned from."""
+    opts = clone.model_options.get("transformer_options")
+    patch = opts.get(PATCH_KEY) if isinstance(opts, dict) else None
+    if patch is not None:
+        opts[PATCH_KEY] = patch.copy()
 
 
 def _on_multigpu_clone(main, clone, *_rest):
@@ -194,8 +187,8 @@ def patched_clone(model, adapter, feature_name: str, feature) -> object:
     """A clone of `model` with `feature` set under `feature_name`; the model given is untouched."""
     import comfy.patcher_extension as pe
 
-    m = model.clone()
-    patch = _own_patch(m)
+    m = model.clone()  # a patched model's ON_CLONE callback already gave m its own copy
+    patch = get_patch(m)
     if patch is None:
         patch = USVPatch(adapter)
         m.model_options.setdefault("transformer_options", {})[PATCH_KEY] = patch
