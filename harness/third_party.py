@@ -93,6 +93,16 @@ def load(pack: str) -> str:
     return folder
 
 
+def load_or_skip(pack: str) -> str:
+    """load(pack) for a test: the test is skipped, with the reason, where the tarball is missing."""
+    import pytest
+
+    try:
+        return load(pack)
+    except PackUnavailable as e:
+        pytest.skip(str(e))
+
+
 def _give_server_an_app() -> None:
     """KJNodes adds a static route to PromptServer.instance.app at import when an instance exists;
     the in-process stand-in for the server may have none, and nobody serves it, so an unserved

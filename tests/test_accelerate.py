@@ -7,7 +7,7 @@ import torch
 
 from harness import runtime, test_nodes
 from harness.ui_workflow import ui_to_api
-from test_policy_nodes import base, ksampler, last_run
+from test_policy_nodes import base, dmd_graph, ksampler, last_run
 from test_sparse_attention_node import sampled
 
 
@@ -44,22 +44,6 @@ def test_the_new_widget_comes_last_and_old_workflows_keep_working(comfy_nodes, a
     saved = {"nodes": [{"id": 1, "type": "USVAccelerate", "widgets_values": [6],
                         "inputs": [{"name": "model", "link": None}]}], "links": []}
     assert ui_to_api(comfy_nodes, saved)["1"]["inputs"] == {"speed": 6, "dense_share": acc.DENSE_SHARE}
-
-
-def dmd_graph(unet, conds, latent, preset="fastwan-3step", speed=4):
-    g = base(unet, conds, latent)
-    g.update({
-        "acc": {"class_type": "USVAccelerate", "inputs": {"model": ["unet", 0], "speed": speed}},
-        "sigmas": {"class_type": "USVDMDSigmas", "inputs": {"model": ["acc", 0], "preset": preset,
-                                                             "timesteps": "1000, 750, 500, 250", "shift": 5.0}},
-        "dmd": {"class_type": "USVDMDSampler", "inputs": {"mode": "stochastic", "noise_seed": 0}},
-        "guider": {"class_type": "BasicGuider", "inputs": {"model": ["acc", 0], "conditioning": ["pos", 0]}},
-        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
-        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["dmd", 0], "sigmas": ["sigmas", 0],
-            "latent_image": ["latent", 0]}},
-    })
-    return g
 
 
 def test_a_3_step_dmd_schedule_runs_no_dense_step(run_workflow, wan4, conds, latent):

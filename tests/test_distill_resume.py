@@ -11,15 +11,8 @@ from safetensors.torch import load_file
 
 from usv_core.distill.config import from_args
 from usv_core.distill.dist import Dist
+from test_distill import one_thread  # noqa: F401  (autouse: one thread on two shared cores)
 from usv_core.distill.loop import LOG_FILE, STUDENT_FILE, Trainer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(out, *extra):

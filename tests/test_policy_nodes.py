@@ -28,6 +28,23 @@ def base(unet, conds, latent):
     }
 
 
+def dmd_graph(unet, conds, latent, preset="fastwan-3step", speed=4):
+    """UNETLoader -> USVAccelerate -> USV DMD Sigmas + USV DMD Sampler (SamplerCustomAdvanced), no CFG."""
+    g = base(unet, conds, latent)
+    g.update({
+        "acc": {"class_type": "USVAccelerate", "inputs": {"model": ["unet", 0], "speed": speed}},
+        "sigmas": {"class_type": "USVDMDSigmas", "inputs": {"model": ["acc", 0], "preset": preset,
+                                                             "timesteps": "1000, 750, 500, 250", "shift": 5.0}},
+        "dmd": {"class_type": "USVDMDSampler", "inputs": {"mode": "stochastic", "noise_seed": 0}},
+        "guider": {"class_type": "BasicGuider", "inputs": {"model": ["acc", 0], "conditioning": ["pos", 0]}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["dmd", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0]}},
+    })
+    return g
+
+
 def ksampler(g, model, steps=3, cfg=4.0):
     g["sample"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": 7, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
@@ -137,19 +154,8 @@ def test_accelerate_speed_one_equals_the_unpatched_model(run_workflow, wan4, con
 
 
 def test_accelerate_with_the_dmd_sampler_and_report(run_workflow, wan4, conds, latent):
-    g = base(wan4, conds, latent)
-    g.update({
-        "acc": {"class_type": "USVAccelerate", "inputs": {"model": ["unet", 0], "speed": 4}},
-        "sigmas": {"class_type": "USVDMDSigmas", "inputs": {"model": ["acc", 0], "preset": "lightx2v-4step",
-                                                             "timesteps": "1000, 750, 500, 250", "shift": 5.0}},
-        "dmd": {"class_type": "USVDMDSampler", "inputs": {"mode": "stochastic", "noise_seed": 0}},
-        "guider": {"class_type": "BasicGuider", "inputs": {"model": ["acc", 0], "conditioning": ["pos", 0]}},
-        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
-        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["dmd", 0], "sigmas": ["sigmas", 0],
-            "latent_image": ["latent", 0]}},
-        "report": {"class_type": "USVReport", "inputs": {"model": ["acc", 0], "latent": ["sample", 0]}},
-    })
+    g = dmd_graph(wan4, conds, latent, preset="lightx2v-4step")
+    g["report"] = {"class_type": "USVReport", "inputs": {"model": ["acc", 0], "latent": ["sample", 0]}}
     result = run_workflow(g, outputs=("sample", "acc", "report"))
     assert torch.isfinite(sampled(result)).all()
     run = last_run(result, "acc")

@@ -13,10 +13,7 @@ QTYPE = "Q8_0"
 
 @pytest.fixture(scope="module")
 def gguf_wan(comfy):
-    try:
-        third_party.load(PACK)
-    except third_party.PackUnavailable as e:
-        pytest.skip(str(e))
+    third_party.load_or_skip(PACK)
     pytest.importorskip("gguf", reason="ComfyUI-GGUF needs the gguf package (scripts/setup_runtime.sh installs it)")
     return tiny_gguf.tiny_wan_t2v_gguf(0, QTYPE)
 

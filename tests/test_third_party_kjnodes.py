@@ -21,10 +21,7 @@ ORDERS = ("kj_before_usv", "kj_after_usv")
 
 @pytest.fixture(scope="module")
 def kj(comfy):
-    try:
-        third_party.load(PACK)
-    except third_party.PackUnavailable as e:
-        pytest.skip(str(e))
+    third_party.load_or_skip(PACK)
     return importlib.import_module(third_party.module(PACK).__name__ + ".nodes.model_optimization_nodes")
 
 
