@@ -39,6 +39,30 @@ def test_train_tiny_stops_resumes_and_finishes(tmp_path, capsys):
     assert dit.dim == 128 and vae.dim == 4 and text.encode("a red circle").shape == (1, 16, 4096)
 
 
+def test_init_from_trains_shipped_weights_on(tmp_path, capsys):
+    """--init-from starts the DiT and caption encoder from a models/-like folder (how a later
+    session trains the shipped model further); the totals count the earlier training."""
+    first = tmp_path / "first"
+    assert train.main(["--out", str(first), "--tiny", "--dit-steps", "2", "--no-eval"]) == 0
+    shipped = tmp_path / "models"
+    for name, sub in (("usv_world_dit.safetensors", weights.DIT_FILE), ("usv_world_text.safetensors", weights.TEXT_FILE)):
+        os.makedirs(os.path.dirname(shipped / sub), exist_ok=True)
+        os.replace(first / name, shipped / sub)
+    ckpt = tmp_path / "second" / "ckpt"
+    os.makedirs(ckpt)
+    os.replace(first / "ckpt" / "vae.safetensors", ckpt / "vae.safetensors")
+    os.replace(first / "world_teacher.json", ckpt / "results.json")
+    capsys.readouterr()
+    # a step at learning rate 0: what it saves is what it started from
+    assert train.main(["--out", str(tmp_path / "second"), "--tiny", "--dit-steps", "1", "--lr", "0", "--no-eval",
+                       "--init-from", str(shipped)]) == 0
+    assert "dit: starts from the weights in" in capsys.readouterr().out
+    before = weights.load_dit(str(shipped / weights.DIT_FILE)).state_dict()
+    after = weights.load_dit(str(tmp_path / "second" / "usv_world_dit.safetensors")).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.load(open(tmp_path / "second" / "world_teacher.json"))["dit_steps"] == 3
+
+
 def test_checkpoint_resumes_the_same_optimisation(tmp_path):
     """Two steps straight equal one step, save, load into fresh objects, one step."""
     def make():

@@ -29,6 +29,8 @@ def plot_curves(curves: dict[str, list[float]], width: int = 640, height: int = 
     at powers of ten. Returns (H * panels, W, 3) uint8."""
     panels = []
     for i, (name, ys) in enumerate(curves.items()):
+        if not len(ys):  # a phase read back without its curve
+            continue
         img = np.full((height, width, 3), 255, np.uint8)
         y = np.log10(np.maximum(np.asarray(ys, dtype=np.float64), 1e-8))
         if len(y) > 20:  # moving average, so the trend shows through the noise of single batches
@@ -47,4 +49,4 @@ def plot_curves(curves: dict[str, list[float]], width: int = 640, height: int = 
                 img[int(np.clip(r0 + a * (r1 - r0), 0, height - 1)), int(x0 + a * (x1 - x0))] = _LINE_COLOURS[i % len(_LINE_COLOURS)]
         img[:2, :] = 0
         panels.append(img)
-    return np.concatenate(panels, 0)
+    return np.concatenate(panels, 0) if panels else np.full((height, width, 3), 255, np.uint8)

@@ -38,7 +38,7 @@ from .score import score_details
 from .text import CaptionEncoder
 from .vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE, latent_norm
 from .vocab import BACKGROUND
-from .weights import load_vae, save_dit, save_text, save_vae
+from .weights import DIT_FILE, TEXT_FILE, load_vae, save_dit, save_text, save_vae
 
 WINDOWS = (5, 17, 9, 33)  # VAE training windows, frames
 TRAIN_SEEDS = ev.EVAL_SEED  # training clips are drawn from [0, TRAIN_SEEDS)
@@ -228,6 +228,14 @@ def train_dit(a, dev, rng, lat, ids, curves, ckpt: str):
         info = load_state(ckpt, modules, {"dit": opt})
         step, spent, curves["dit"] = info["step"], info["seconds"], info["curve"]
         log(f"dit: resumed at step {step} after {spent:.0f}s")
+    elif a.init_from:
+        # Shipped weights (the EMA, without the optimizer's state) start a new phase with its own
+        # learning-rate schedule over --dit-seconds: how a later session trains a shipped model on.
+        for net, ema_net, name in ((dit, ema, DIT_FILE), (text, ema_text, TEXT_FILE)):
+            sd = load_file(os.path.join(a.init_from, name))
+            for m in (net, ema_net):
+                m.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
+        log(f"dit: starts from the weights in {a.init_from}")
     curves.setdefault("dit", [])
     resumed_at = step
     # A checkpoint without the optimizer's moments (a small one, carried between machines) starts
@@ -351,6 +359,8 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--compile", type=int, default=1, help="1: torch.compile the DiT on a GPU (falls back to eager if it fails)")
+    p.add_argument("--init-from", default="", help="folder laid out like models/ (diffusion_models/, text_encoders/): start the DiT "
+                   "and caption encoder from its weights instead of from scratch, with a fresh schedule over --dit-seconds")
     p.add_argument("--dit-seconds", type=float, default=450, help="seconds of DiT training in all, over every command (v2 shipped with 450)")
     p.add_argument("--dit-steps", type=int, default=10**9)
     p.add_argument("--no-eval", action="store_true", help="train and save only")
@@ -427,14 +437,21 @@ def main(argv=None) -> int:
         lat, ids, secs = latent_cache(vae, a, dev, rng, os.path.join(ckpt, "latents.safetensors"))
         if secs:
             results.update(latent_clips=int(lat.shape[0]), encode_seconds=secs)
-        dit, text, steps, spent = train_dit(a, dev, rng, lat, ids, curves, os.path.join(ckpt, "dit_state.safetensors"))
+        dit_state = os.path.join(ckpt, "dit_state.safetensors")
+        if a.init_from and not os.path.exists(dit_state):
+            # the totals below then count the shipped model's training too (its results.json, if
+            # copied into the checkpoint folder, holds them)
+            results["dit_before"] = {"steps": results.get("dit_steps", 0), "seconds": results.get("dit_train_seconds", 0)}
+        dit, text, steps, spent = train_dit(a, dev, rng, lat, ids, curves, dit_state)
     except Stop as s:
         keep()
         log(f"stopped at {s} after {time.time() - START:.0f}s (--stop-after {a.stop_after:g}); run the same command again to resume")
         return 0
     del lat
-    results.update(dit_train_seconds=spent, dit_steps=steps, dit_final_loss=float(np.mean(curves["dit"][-20:])))
-    results["train_seconds"] = results.get("vae_train_seconds", 0) + results.get("encode_seconds", 0) + spent
+    before = results.get("dit_before", {"steps": 0, "seconds": 0})
+    results.update(dit_train_seconds=before["seconds"] + spent, dit_steps=before["steps"] + steps,
+                   dit_final_loss=float(np.mean(curves["dit"][-20:])))
+    results["train_seconds"] = results.get("vae_train_seconds", 0) + results.get("encode_seconds", 0) + results["dit_train_seconds"]
     for name in ("usv_world_vae.safetensors",):
         save_vae(vae, os.path.join(a.out, name))
     save_dit(dit, os.path.join(a.out, "usv_world_dit.safetensors"))
