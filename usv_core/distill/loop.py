@@ -229,11 +229,14 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         self.save()
+        # A stopped run exports too: the student so far is usable (its file records the steps
+        # trained), and the resumed run overwrites it.
+        paths = self.export()
         if stopped:
             if self.d.main:
-                say(f"stopped at step {self.step} ({stopped}); the state is in {cfg.ckpt}: run the same command to resume")
-            return {"step": self.step, "stopped": stopped, **stats}
-        paths = self.export()
+                say(f"stopped at step {self.step} ({stopped}); the student so far: {', '.join(paths)}; the state is in "
+                    f"{cfg.ckpt}: run the same command to resume")
+            return {"step": self.step, "stopped": stopped, "files": paths, **stats}
         if self.d.main:
             say(f"done: {self.step} steps in {self.seconds:.0f}s; student: {', '.join(paths)}")
         return {"step": self.step, "files": paths, **stats}
