@@ -1,0 +1,184 @@
+"""The paper-style ablation on USV World v2 (issue 14): distil students side by side on one GPU
+(`python3 -m usv_core.distill`, one process each: at this size a GPU is launch-bound, so they
+overlap), then score every row on the same held-out prompts and noise seeds: the dense teacher
+(50 Euler steps, CFG 5), the teacher sampled with the few-step schedule untrained, the dense
+student dense and made sparse training-free, and the sparse-distilled students at their own
+settings. Writes bench/results/distill_world_<card>.json (--json to change).
+
+    python3 bench/distill_world.py --out runs/ablation --seconds 420      # GPU: trains, then scores
+    python3 bench/distill_world.py --out runs/ablation --score-only       # score what OUT holds
+    python3 bench/distill_world.py --out /tmp/a --tiny                    # CPU smoke test of the code path
+
+Beside each row: its DiT work per step and against the teacher's 100 forwards (50 steps x CFG),
+from the cost model USV Report uses, for Wan 1.3B at 480p x 81 (30 blocks, first and last never
+merge), and the measured seconds per video of that setting from bench/results/e2e_<card>.json
+where bench/e2e.py timed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name: (distillation options, the sparsity it is trained at and scored with)
+STUDENTS = {
+    "dense": (["--dense-student"], (1.0, 0.0)),
+    "keep0.2": (["--keep", "0.2", "--merge", "0"], (0.2, 0.0)),
+    "keep0.05": (["--keep", "0.05", "--merge", "0"], (0.05, 0.0)),
+    "keep0.2+merge0.5": (["--keep", "0.2", "--merge", "0.5"], (0.2, 0.5)),
+    "keep0.05+merge0.5": (["--keep", "0.05", "--merge", "0.5"], (0.05, 0.5)),
+}
+# training-free sparsity applied to the dense student
+TRAINING_FREE = [(0.2, 0.0), (0.1, 0.0), (0.05, 0.0), (0.2, 0.5), (0.05, 0.5)]
+TEACHER_FORWARDS = 100  # 50 steps, cond and uncond
+WAN_LAYERS = 30
+
+
+def setting_name(keep: float, merge: float) -> str:
+    parts = ([f"keep{keep:g}"] if keep < 1 else []) + ([f"merge{merge:g}"] if merge > 0 else [])
+    return "+".join(parts) or "dense"
+
+
+def wan_work(keep: float, merge: float) -> float:
+    from usv_core.policy import work_share
+
+    merges = [0.0] + [merge] * (WAN_LAYERS - 2) + [0.0]
+    return work_share([keep] * WAN_LAYERS, merges)
+
+
+def wan_seconds(card: str) -> dict[str, float]:
+    """e2e.py's few-step rows by setting name (keep/merge), seconds of DiT denoising."""
+    path = os.path.join(ROOT, "bench", "results", f"e2e_{card.replace(' ', '_')}.json")
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    for row in json.load(open(path))["rows"]:
+        s = row["setting"]
+        if "DMD Sampler" not in s or "Accelerate" in s:
+            continue
+        keep = re.search(r"keep ([0-9.]+)", s)
+        merge = re.search(r"Token Merge ([0-9.]+)", s)
+        out[setting_name(float(keep.group(1)) if keep else 1.0, float(merge.group(1)) if merge else 0.0)] = row["denoise_s"]
+    return out
+
+
+def distil(out: str, names: list[str], seconds: float, extra: list[str]) -> dict[str, dict]:
+    procs = {}
+    for name in names:
+        folder = os.path.join(out, name)
+        os.makedirs(folder, exist_ok=True)
+        cmd = [sys.executable, "-m", "usv_core.distill", "--out", folder, "--stop-after", str(seconds), *STUDENTS[name][0], *extra]
+        log = open(os.path.join(folder, "train.txt"), "a")
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+        print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    result = {}
+    for name, (p, log) in procs.items():
+        rc = p.wait()
+        log.close()
+        tail = open(os.path.join(out, name, "train.txt")).read().strip().splitlines()[-1:]
+        print(f"[{name}] exit {rc}: {tail[0] if tail else ''}", flush=True)
+        steps = [json.loads(ln) for ln in open(os.path.join(out, name, "log.jsonl"))] if rc == 0 else []
+        result[name] = {"exit": rc, "steps": steps[-1]["step"] if steps else 0,
+                        "seconds": steps[-1]["seconds"] if steps else 0.0}
+    return result
+
+
+def score(argv: list[str]) -> dict:
+    from usv_core.distill import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "score.json")
+        evaluate.main(argv + ["--json", path])
+        with open(path) as f:
+            return json.load(f)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
+    p.add_argument("--students", default=",".join(STUDENTS), help=f"which to distil and score, of {', '.join(STUDENTS)}")
+    p.add_argument("--seconds", type=float, default=420, help="--stop-after of every distillation (they run at once)")
+    p.add_argument("--distill-args", default="", help="more options for every distillation, e.g. '--lr 1e-4'")
+    p.add_argument("--score-only", action="store_true")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny students, 2 prompts, 5 frames at 64 x 64")
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    names = [n for n in a.students.split(",") if n]
+    unknown = [n for n in names if n not in STUDENTS]
+    if unknown:
+        raise SystemExit(f"--students: unknown {unknown}; choose from {', '.join(STUDENTS)}")
+    extra = a.distill_args.split()
+    sample = ["--prompts", str(a.prompts)]
+    if a.tiny:
+        extra += ["--tiny", "--steps", "2"]
+        sample = ["--prompts", "2", "--frames", "5", "--size", "64", "--batch", "2"]
+    t0 = time.time()
+    training = {} if a.score_only else distil(a.out, names, a.seconds, extra)
+    student = {n: os.path.join(a.out, n, "student_dit.safetensors") for n in names}
+    student = {n: f for n, f in student.items() if os.path.exists(f)}
+    seconds = wan_seconds(card)
+    teacher = os.path.join(ROOT, "models", "diffusion_models", "usv_world_dit.safetensors")
+    rows = []
+
+    def row(name, kind, path, keep=1.0, merge=0.0, teacher_steps=0):
+        args = ["--student", path, "--keep", str(keep), "--merge", str(merge), *sample]
+        if teacher_steps:
+            args += ["--teacher-steps", str(teacher_steps)]
+        r = score(args)
+        forwards = TEACHER_FORWARDS if teacher_steps else 3
+        work = wan_work(keep, merge)
+        setting = setting_name(keep, merge)
+        out = {"row": name, "student": kind, "steps": teacher_steps or 3, "cfg": 5.0 if teacher_steps else 1.0,
+               "keep": keep, "merge": merge, "work_per_step": work, "work_vs_teacher": work * forwards / TEACHER_FORWARDS,
+               "wan_1.3b_480p_denoise_s": None if teacher_steps else seconds.get(setting),
+               **{k: r[k] for k in ("world_score", "world_score_se", "world_score_std", "presence", "shape_ok", "smooth",
+                                    "moving", "colour_presence", "per_prompt", "seconds")}}
+        if kind in training:
+            out["distill_steps"], out["distill_seconds"] = training[kind]["steps"], training[kind]["seconds"]
+        rows.append(out)
+        print(f"{name:58s} {r['world_score']:.3f} +- {r['world_score_se']:.3f}  work/step {work:.3f}", flush=True)
+
+    if not a.tiny:
+        row("dense teacher, 50 Euler steps, CFG 5", "teacher", teacher, teacher_steps=50)
+        row("teacher, fastwan-3step, no CFG, not distilled", "teacher", teacher)
+    if "dense" in student:
+        row("DMD student (dense), 3 steps", "dense", student["dense"])
+        for keep, merge in TRAINING_FREE:
+            row(f"dense student + {setting_name(keep, merge)} training-free", "dense", student["dense"], keep, merge)
+    for n in names:
+        if n != "dense" and n in student:
+            keep, merge = STUDENTS[n][1]
+            row(f"student distilled at {n}", n, student[n], keep, merge)
+    # the paired comparison (same prompts and noise): each row's score against the teacher's
+    base = next((r for r in rows if r["row"].startswith("dense teacher")), None)
+    if base:
+        import numpy as np
+
+        for r in rows:
+            d = np.asarray([x["score"] for x in r["per_prompt"]]) - np.asarray([x["score"] for x in base["per_prompt"]])
+            r["vs_teacher"], r["vs_teacher_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    result = {"card": card, "torch": torch.__version__, "seconds": time.time() - t0, "training": training,
+              "distill_args": extra, "rows": rows}
+    path = a.json or os.path.join(a.out if a.tiny else os.path.join(ROOT, "bench", "results"),
+                                  f"distill_world_{card.replace(' ', '_')}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
