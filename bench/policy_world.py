@@ -33,7 +33,7 @@ PROMPTS = ["a red circle and a blue square", "a yellow triangle", "a green squar
 def prompts(n: int) -> list[str]:
     """The five above, then captions of held-out world clips (the teacher's evaluation seeds)."""
     from usv_core.world.scene import make_batch
-    from usv_core.world.train import EVAL_SEED
+    from usv_core.world.evaluate import EVAL_SEED
 
     extra = [make_batch([EVAL_SEED + i], size=16, frames=1)[1][0] for i in range(max(0, n - len(PROMPTS)))]
     return (PROMPTS + extra)[:n]
