@@ -24,7 +24,7 @@ def load(path):
 
 def test_there_are_workflows():
     names = {os.path.basename(p) for p in WORKFLOWS}
-    assert {"usv_world_t2v.json", "fastwan_t2v_1.3b_usv.json"} <= names
+    assert {"usv_world_t2v.json", "usv_world_student.json", "fastwan_t2v_1.3b_usv.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
@@ -74,5 +74,5 @@ def test_runs_through_the_executor(comfy, tiny_wan, tiny_vae, path):
     assert saves, "a workflow should end in a saved video"
     for key in saves:
         assert result.outputs[key]["images"][0]["filename"].endswith(".mp4")
-    decoded = [result.output(k) for k, v in prompt.items() if v["class_type"] == "VAEDecode"]
+    decoded = [result.output(k) for k, v in prompt.items() if v["class_type"] in ("VAEDecode", "USVVAEDecode")]
     assert all(torch.isfinite(d).all() for d in decoded)

@@ -146,17 +146,54 @@ def test_comfy_ksampler_equals_our_sampler(comfy):
     assert rel_err(ours, theirs.float()) < 1e-3
 
 
-@needs_weights
-def test_readme_main_command_generates_a_world_video(comfy, tmp_path, capsys):
-    """scripts/demo.py (what ./scripts/demo.sh runs) on the embedded model, through USV Sparse
-    Attention in ComfyUI's executor, small enough for the suite."""
+def load_demo():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("usv_demo", os.path.join(os.path.dirname(__file__), "..", "scripts", "demo.py"))
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    return demo
+
+
+@needs_weights
+def test_shipped_student_loads_and_matches_the_teacher_layout(comfy):
+    """The few-step student goes through UNETLoader as the teacher does, and fits the budget of
+    shipped files (60 MB with it)."""
+    nodes = comfy
+    import folder_paths
+
+    assert "usv_world_student.safetensors" in folder_paths.get_filename_list("diffusion_models")
+    student = nodes.UNETLoader().load_unet("usv_world_student.safetensors", "default")[0]
+    teacher = nodes.UNETLoader().load_unet("usv_world_dit.safetensors", "default")[0]
+    assert type(student.model.model_config).__name__ == "WAN21_T2V"
+    s, t = student.model.diffusion_model.state_dict(), teacher.model.diffusion_model.state_dict()
+    assert s.keys() == t.keys() and any(not torch.equal(s[k], t[k]) for k in s)  # trained, not a copy
+    shipped = [weights.default_path(f) for f in (weights.DIT_FILE, weights.VAE_FILE, weights.TEXT_FILE)]
+    shipped.append(os.path.join(weights.MODELS_DIR, "diffusion_models", "usv_world_student.safetensors"))
+    assert sum(os.path.getsize(f) for f in shipped) <= 60 * 10**6
+
+
+@needs_weights
+def test_readme_main_command_generates_with_the_student(comfy, tmp_path, capsys):
+    """scripts/demo.py (what ./scripts/demo.sh runs) by default: the student through USV DMD Sigmas,
+    USV DMD Sampler and USV Sparse Attention in ComfyUI's executor, small enough for the suite."""
+    demo = load_demo()
     out = tmp_path / "demo.mp4"
-    assert demo.main(["--size", "64", "--frames", "5", "--steps", "3", "--dense-steps", "1", "--out", str(out)]) == 0
+    assert demo.main(["--size", "64", "--frames", "5", "--out", str(out)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("usv demo: 5 frames 64x64") and "model USV World (embedded)" in line
+    assert line.startswith("usv demo: 5 frames 64x64, 3 steps, keep 0.2, no CFG, ") and " s, model USV World student" in line
+    assert "world score " in line and out.stat().st_size > 1000
+    # --steps other than the trained 3: evenly spaced timesteps over the same range
+    assert demo.main(["--size", "64", "--frames", "5", "--steps", "2", "--out", str(out)]) == 0
+    assert ", 2 steps, " in capsys.readouterr().out.strip().splitlines()[-1]
+    assert demo.student_sigmas(4)["timesteps"] == "1000, 841, 681, 522"
+
+
+@needs_weights
+def test_readme_main_command_runs_the_teacher(comfy, tmp_path, capsys):
+    demo = load_demo()
+    out = tmp_path / "demo.mp4"
+    assert demo.main(["--teacher", "--size", "64", "--frames", "5", "--steps", "3", "--dense-steps", "1", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert ", 3 steps, keep 0.5 after 1 dense, CFG 5, " in line and "model USV World teacher (embedded)" in line
     assert "world score " in line and out.stat().st_size > 1000
