@@ -56,13 +56,16 @@ def wan_work(keep: float, merge: float) -> float:
 
 
 def wan_seconds(card: str) -> dict[str, float]:
-    """e2e.py's few-step rows by setting name (keep/merge), seconds of DiT denoising."""
+    """e2e.py's few-step rows by setting name (keep/merge) and its dense 50-step CFG row as
+    "teacher": seconds of DiT denoising."""
     path = os.path.join(ROOT, "bench", "results", f"e2e_{card.replace(' ', '_')}.json")
     if not os.path.exists(path):
         return {}
     out = {}
     for row in json.load(open(path))["rows"]:
         s = row["setting"]
+        if s.startswith("dense, 50 steps"):
+            out["teacher"] = row["denoise_s"]
         if "DMD Sampler" not in s or "Accelerate" in s:
             continue
         keep = re.search(r"keep ([0-9.]+)", s)
@@ -140,10 +143,10 @@ def main() -> int:
         r = score(args)
         forwards = TEACHER_FORWARDS if teacher_steps else 3
         work = wan_work(keep, merge)
-        setting = setting_name(keep, merge)
+        setting = setting_name(keep, merge)  # e2e.py's teacher row is 50 steps, as the teacher rows here
         out = {"row": name, "student": kind, "steps": teacher_steps or 3, "cfg": 5.0 if teacher_steps else 1.0,
                "keep": keep, "merge": merge, "work_per_step": work, "work_vs_teacher": work * forwards / TEACHER_FORWARDS,
-               "wan_1.3b_480p_denoise_s": None if teacher_steps else seconds.get(setting),
+               "wan_1.3b_480p_denoise_s": seconds.get("teacher" if teacher_steps else setting),
                **{k: r[k] for k in ("world_score", "world_score_se", "world_score_std", "presence", "shape_ok", "smooth",
                                     "moving", "colour_presence", "per_prompt", "seconds")}}
         if kind in training:
