@@ -18,9 +18,10 @@ WORLD_NOTES = """## USV World: text to video on the embedded model
 Runs on a CPU in minutes with the pack's own tiny Wan 2.1 (models/ of the pack, listed in the
 loaders). Prompts name 1-3 objects: a colour (red, green, blue, yellow, white, purple) and a shape
 (circle, square, triangle). USV Sparse Attention and USV Token Merge sit between the loader and the
-sampler. On this model (bench/world.md, 24 prompts on an H200) keep 0.5 after 15 dense steps of 50
-matched the dense world score (0.303); token merging costs quality here (ratio 0.25 alone: 0.212):
-set ratio to 0 for the teacher's quality, keep to 1 as well for the dense teacher."""
+sampler. On the v1 model (bench/world.md, 24 prompts on an H200) keep 0.5 after 15 dense steps of
+50 matched the dense world score (0.303); token merging cost quality there (ratio 0.25 alone:
+0.212): set ratio to 0 for the teacher's quality, keep to 1 as well for the dense teacher. For
+seconds instead of minutes, usv_world_student runs the distilled 3-step student."""
 
 FASTWAN_NOTES = """## FastWan 2.1 T2V 1.3B with USV: 3 steps, sparse attention with its trained gate
 
@@ -79,8 +80,8 @@ USV Policy hands one budget (the share of dense work each step keeps) out over l
 by how spread their attention is; USV Sparse Attention and USV Token Merge take it through their
 policy input, their own keep and ratio becoming caps. USV Report runs after sampling and shows
 entropy, keep and tokens kept per layer and step, with the estimated speedup. Budget 0.7 after 15
-dense steps scored 0.296 against the dense 0.303 on this model (docs/policy.md); lower budgets
-cost visible quality here."""
+dense steps scored 0.296 against the dense 0.303 on the v1 model (docs/policy.md); lower budgets
+cost visible quality there."""
 
 
 def world_policy_prompt() -> dict:
