@@ -81,6 +81,13 @@ def main() -> None:
     p.add_argument("--power", action="store_true", help="also the (1 - h) ** gamma weight rule")
     p.add_argument("--fixed", nargs="*", default=[], metavar="SPEC",
                    help="fixed settings without a policy, e.g. keep=0.25 merge=0.5 keep=0.25,merge=0.5,dense=10")
+    p.add_argument("--student", default="", metavar="UNET",
+                   help="a few-step student in diffusion_models (usv_world_student.safetensors): sampled with USV DMD "
+                        "Sigmas (--preset) and USV DMD Sampler, no CFG; --steps and --cfg are then unused")
+    p.add_argument("--preset", default="fastwan-3step", help="USV DMD Sigmas preset of --student")
+    p.add_argument("--decoder", choices=("comfy", "world"), default="comfy",
+                   help="VAE decode: ComfyUI's, or usv_core.world's whole-clip decoder of the same weights (equal to "
+                        "1e-4, tests/test_world_models.py; three times faster on a CPU)")
     p.add_argument("--no-decode", action="store_true", help="latent error only (no VAE decode, no world score)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "policy_world.json"))
     a = p.parse_args()
@@ -104,8 +111,13 @@ def main() -> None:
     merge_node = nodes.NODE_CLASS_MAPPINGS["USVTokenMerge"]
     prompt_node = nodes.NODE_CLASS_MAPPINGS["USVWorldPrompt"]
 
-    base = nodes.UNETLoader().load_unet("usv_world_dit.safetensors", "default")[0]
+    base = nodes.UNETLoader().load_unet(a.student or "usv_world_dit.safetensors", "default")[0]
     vae = nodes.VAELoader().load_vae("usv_world_vae.safetensors")[0]
+    if a.decoder == "world":
+        from usv_core.world.evaluate import decode as world_decode
+        from usv_core.world.weights import load_vae
+
+        world_vae = load_vae()
     neg = prompt_node.execute("").result[0]
     lat_frames = (a.frames - 1) // 4 + 1
     latent = {"samples": torch.zeros(1, 16, lat_frames, a.size // 8, a.size // 8)}
@@ -128,6 +140,16 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    def sample_student(model, seed, pos, empty):
+        """What SamplerCustomAdvanced runs with BasicGuider (cfg 1: no uncond pass), USV DMD Sigmas
+        and USV DMD Sampler."""
+        import comfy.sample
+
+        sigmas = nodes.NODE_CLASS_MAPPINGS["USVDMDSigmas"].execute(model, a.preset, "1000, 750, 500, 250", 1.0).result[0]
+        sampler = nodes.NODE_CLASS_MAPPINGS["USVDMDSampler"].execute("stochastic", seed).result[0]
+        noise = comfy.sample.prepare_noise(empty, seed)
+        return comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, pos, pos, empty, seed=seed)
+
     rows, dense_cache = [], {}
     for name, budget, kw in configs(a.budgets, a.early, a.power, a.fixed):
         if kw is None:
@@ -141,18 +163,27 @@ def main() -> None:
         else:
             cfg = PolicyConfig(budget=budget, refresh=a.refresh, **kw)
             model = sparse_node.execute(base, a.keep_floor, a.dense_steps, "", "4x4x4", "none", cfg).result[0]
-            model = merge_node.execute(model, a.merge_cap, a.dense_steps, "", "keys", cfg).result[0]
+            if a.merge_cap > 0:
+                model = merge_node.execute(model, a.merge_cap, a.dense_steps, "", "keys", cfg).result[0]
         per = []
         for i, prompt in enumerate(prompts(a.prompts)):
             pos = prompt_node.execute(prompt).result[0]
             t0 = time.perf_counter()
-            samples = nodes.KSampler().sample(model, 100 + i, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
-                                              denoise=1.0)[0]["samples"]
+            if a.student:
+                samples = sample_student(model, 100 + i, pos, latent["samples"])
+            else:
+                samples = nodes.KSampler().sample(model, 100 + i, a.steps, a.cfg, "euler", "simple", pos, neg, latent,
+                                                  denoise=1.0)[0]["samples"]
             t1 = time.perf_counter()
             frames = None
             row = {"prompt": prompt, "sample_seconds": t1 - t0}
             if not a.no_decode:
-                frames = vae.decode(samples)
+                if a.decoder == "world":
+                    from usv_core.world.vae import latent_norm
+
+                    frames = world_decode(world_vae, latent_norm(samples.float()), 1, torch.device("cpu"))[0]
+                else:
+                    frames = vae.decode(samples)
                 frames = frames.reshape(-1, *frames.shape[-3:]).float().clamp(0, 1)
                 row["decode_seconds"] = time.perf_counter() - t1
                 row["world_score"] = score_details(frames, prompt)["score"]
