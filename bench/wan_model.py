@@ -173,10 +173,15 @@ def main(argv=None) -> int:
     if dense:
         for r in results:
             r["vs_dense"] = r["seconds_per_step"] / dense
-            if "speed" in r["variant"] and args.steps > 1:
-                # USV Accelerate runs its first step dense: the rest are the accelerated ones
-                acc = (args.steps * r["seconds_per_step"] - dense) / (args.steps - 1)
-                r.update(accelerated_seconds_per_step=acc, accelerated_vs_dense=acc / dense)
+            if "speed" in r["variant"]:
+                # USV Accelerate runs the first dense_steps of this schedule dense (none for a few-step
+                # schedule): the rest are the accelerated ones
+                from harness import runtime
+
+                n = runtime.pack_module("nodes.accelerate").dense_steps(args.steps)
+                if n < args.steps:
+                    acc = (args.steps * r["seconds_per_step"] - n * dense) / (args.steps - n)
+                    r.update(dense_steps=n, accelerated_seconds_per_step=acc, accelerated_vs_dense=acc / dense)
     report = {"benchmark": "wan_model", "card": card, "size": args.size, "tokens": T * (H // 2) * (W // 2),
               "dtype": str(dtype), "steps": args.steps, "torch": torch.__version__, "results": results,
               "date": time.strftime("%Y-%m-%d")}
