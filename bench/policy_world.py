@@ -9,6 +9,12 @@ Writes bench/results/policy_world.json (--out to change).
     .venv/bin/python bench/policy_world.py [--prompts 3] [--steps 10] [--frames 17] [--budgets 0.5 0.3]
     python3 bench/policy_world.py --prompts 24 --steps 50 --frames 33 --budgets 0.7 0.5 --power \
         --dense-steps 15 --fixed keep=0.5,dense=15 merge=0.25,dense=15      # the GPU runs in docs/policy.md
+    .venv/bin/python bench/policy_world.py --student usv_world_student.safetensors --prompts 64 --budgets 0.714 \
+        --dense-steps 0 --merge-cap 0 --fixed keep=0.2,dense=0 --decoder world     # the student's policy rows (CPU)
+
+A budget is a share of dense work by the cost model at this model's size (USV Report prints the
+attention share: 36% for USV World at 17 frames, so keep 0.2 everywhere costs 0.714); a budget
+below what the keep floor allows ends at the floor for every policy alike.
 
 On the CPU, sparse attention runs the exact PyTorch reference (not faster than dense attention):
 the seconds measure this machine, the work share what the kernels would skip.
