@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--decoder", choices=("comfy", "world"), default="comfy",
                    help="VAE decode: ComfyUI's, or usv_core.world's whole-clip decoder of the same weights (equal to "
                         "1e-4, tests/test_world_models.py; three times faster on a CPU)")
+    p.add_argument("--heatmaps", action="store_true", help="also write USV Report's heatmap of each policy row's first prompt beside --out")
     p.add_argument("--no-decode", action="store_true", help="latent error only (no VAE decode, no world score)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "policy_world.json"))
     a = p.parse_args()
@@ -203,7 +204,13 @@ def main() -> None:
                 row["latent_rel_l2_vs_dense"] = float((samples - ds).norm() / ds.norm())
                 patch = usv_patch.get_patch(model)
                 run = patch.last_run
-                _, text = report_mod.report(model)
+                image, text = report_mod.report(model)
+                if i == 0 and run.policy is not None and a.heatmaps:
+                    # USV Report's heatmap of the first prompt: where the policy spent the budget
+                    from usv_core.world.png import write_png
+
+                    png = os.path.splitext(a.out)[0] + f"_{name.replace('@', '_')}.png"
+                    write_png(png, (image[0].numpy() * 255).round().astype("uint8"))
                 from usv_core import telemetry
 
                 dm = model.model.diffusion_model
