@@ -23,7 +23,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,16 +94,6 @@ def distil(out: str, names: list[str], seconds: float, extra: list[str]) -> dict
     return result
 
 
-def score(argv: list[str]) -> dict:
-    from usv_core.distill import evaluate
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "score.json")
-        evaluate.main(argv + ["--json", path])
-        with open(path) as f:
-            return json.load(f)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
@@ -117,6 +106,8 @@ def main() -> int:
     p.add_argument("--json", default="")
     a = p.parse_args()
     import torch
+
+    from usv_core.distill import evaluate
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     names = [n for n in a.students.split(",") if n]
@@ -140,7 +131,7 @@ def main() -> int:
         args = ["--student", path, "--keep", str(keep), "--merge", str(merge), *sample]
         if teacher_steps:
             args += ["--teacher-steps", str(teacher_steps)]
-        r = score(args)
+        r = evaluate.score(args)
         forwards = TEACHER_FORWARDS if teacher_steps else 3
         work = wan_work(keep, merge)
         setting = setting_name(keep, merge)  # e2e.py's teacher row is 50 steps, as the teacher rows here

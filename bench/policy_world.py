@@ -121,7 +121,7 @@ def main() -> None:
     base = nodes.UNETLoader().load_unet(a.student or "usv_world_dit.safetensors", "default")[0]
     vae = nodes.VAELoader().load_vae("usv_world_vae.safetensors")[0]
     if a.decoder == "world":
-        from usv_core.world.evaluate import decode as world_decode
+        from usv_core.world.evaluate import from_video
         from usv_core.world.weights import load_vae
 
         world_vae = load_vae()
@@ -185,10 +185,9 @@ def main() -> None:
             frames = None
             row = {"prompt": prompt, "sample_seconds": t1 - t0}
             if not a.no_decode:
-                if a.decoder == "world":
-                    from usv_core.world.vae import latent_norm
-
-                    frames = world_decode(world_vae, latent_norm(samples.float()), 1, torch.device("cpu"))[0]
+                if a.decoder == "world":  # the sampler's output is the VAE's raw latent, as VAEDecode takes it
+                    with torch.no_grad():
+                        frames = from_video(world_vae.decode(samples.float()))[0]
                 else:
                     frames = vae.decode(samples)
                 frames = frames.reshape(-1, *frames.shape[-3:]).float().clamp(0, 1)

@@ -50,7 +50,8 @@ def parse_args(argv=None):
         p.error(f"--steps must be at least 1, got {a.steps}")
     teacher = a.teacher = a.teacher or not os.path.exists(WORLD_STUDENT)
     a.steps = a.steps or (TEACHER_STEPS if teacher else STUDENT_STEPS)
-    a.keep = TEACHER_KEEP if a.keep is None and teacher else STUDENT_KEEP if a.keep is None else a.keep
+    if a.keep is None:
+        a.keep = TEACHER_KEEP if teacher else STUDENT_KEEP
     a.dense_steps = (TEACHER_DENSE_STEPS if teacher else 0) if a.dense_steps is None else a.dense_steps
     return a
 

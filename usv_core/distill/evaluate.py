@@ -47,7 +47,8 @@ def generate(student, text, vae, prompts, dev, sigmas, sparsity: Sparsity, *, fr
     return torch.cat(out)
 
 
-def main(argv=None) -> int:
+def score(argv=None) -> dict:
+    """Samples and scores as the command line says; returns the result (and writes it to --json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True)
     p.add_argument("--schedule", default="fastwan-3step")
@@ -84,6 +85,11 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None) -> int:
+    score(argv)
     return 0
 
 
