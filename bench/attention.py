@@ -6,9 +6,9 @@ Per shape (bf16, B=1, head dim 128, random inputs):
 - dense SDPA, flash and cuDNN backends;
 - FlexAttention with a 128-token block mask of the same kept fraction (fine stage only);
 - comfy-kitchen sol_attn (top-k ratio, and tau 1.3), selection included, if it imports;
-- ours, vsa_attention at keep 0.25 / 0.125 / 0.05, selection included; plus the pieces
-  (selection, fine kernel) and the alternative layout: reorder raster -> padded cube order once
-  per forward, run the contiguous kernel, gather back.
+- cuDNN's block-sparse attention through cudnn-frontend, if it installs (bench/cudnn_block_sparse.py);
+- ours, vsa_attention at keep 0.25 / 0.125 / 0.05, selection included, on packed edge blocks (the
+  default) and on plain cubes; plus the pieces (selection, fine kernel, list transposition).
 Forward and forward+backward times (median of CUDA-event timings). --check compares ours with the
 reference (rel. L2) at full size first. --sweep tries kernel launch configs on the first shape.
 Results: JSON named after the card in bench/results/ (and --out), a table on stdout.
@@ -127,7 +127,7 @@ def bench_shape(key, args, results, checks):
     print(f"== {tag}: B={B} heads={H} N={N} D={D} grid={grid}", flush=True)
 
     tiling = cube_tiling(grid, device=DEV)
-    lay = tiling.layout
+    lay = tiling.packed  # what vsa_attention runs on by default
     C = lay.num_blocks
     scale = D ** -0.5
 
@@ -184,43 +184,22 @@ def bench_shape(key, args, results, checks):
         t_bwd_k = timeit(lambda: torch.ops.usv.bsa_bwd(dout, q, k, v, o, lse, idx, cnt, lay.token_table,
                                                        lay.block_sizes, lay.block, True, scale))
         t_tr = timeit(lambda: ops.transpose_lists(idx, cnt, C))
+        ops._SCORE_PRECISION = "ieee"
+        t_sel_ieee = timeit(sel)
+        ops._SCORE_PRECISION = "tf32x3"
         record(results, tag, f"usv_vsa keep={keep}", keep=keep, kept_blocks=kmax, num_blocks=C,
-               fwd_ms=t_all, fwd_stats_ms=t_stats, select_ms=t_sel, fine_ms=t_fine,
+               fwd_ms=t_all, fwd_stats_ms=t_stats, select_ms=t_sel, select_ieee_scores_ms=t_sel_ieee, fine_ms=t_fine,
                bwd_ms=t_fb - t_all, bwd_kernels_ms=t_bwd_k, transpose_lists_ms=t_tr,
                bwd_over_fwd=(t_fb - t_all) / t_all,
                fine_tflops_useful=useful / t_fine / 1e9, fine_tflops_tiles=tiles / t_fine / 1e9,
                fwd_tflops_useful=useful / t_all / 1e9, speedup_vs_dense_flops_equiv=dense_flops / useful,
                kept_fraction_tokens=useful / dense_flops)
 
-        # the other layout: reorder once per forward into padded cube order, contiguous kernel, back
-        sizes = lay.block_sizes.long()
-        starts = torch.cumsum(sizes, 0) - sizes
-        c_of = torch.repeat_interleave(torch.arange(C, device=DEV), sizes)
-        dst = c_of * lay.block + torch.arange(N, device=DEV) - starts[c_of]  # padded slot of compact pos
-        src = tiling.perm
-        back = dst[tiling.inv_perm]  # padded slot of every raster token
-
-        def reorder_forward():
-            pads = []
-            for t in (q, k, v):
-                xp = torch.empty(B, H, C * lay.block, D, device=DEV, dtype=t.dtype)
-                xp.index_copy_(2, dst, t.index_select(2, src))
-                pads.append(xp)
-            i2, c2, _, _ = ops.select(*pads, lay.token_table, lay.block_sizes, cnt_flat, kmax, lay.block, False,
-                                      scale, False, False)
-            op = ops.attend(*pads, i2, c2, lay.token_table, lay.block_sizes, lay.block, False, scale)
-            return op.index_select(2, back)
-
-        out_r = reorder_forward()
-        err_r = rel_l2(out_r, vsa_attention(q, k, v, grid, keep))
-        qp, kp, vp = (torch.empty(B, H, C * lay.block, D, device=DEV, dtype=q.dtype).index_copy_(2, dst, t.index_select(2, src))
-                      for t in (q, k, v))
-        t_fine_p = timeit(lambda: ops.attend(qp, kp, vp, idx, cnt, lay.token_table, lay.block_sizes, lay.block, False,
-                                             scale))
-        t_reo = timeit(reorder_forward)
-        record(results, tag, f"usv_vsa_reorder keep={keep}", keep=keep, fwd_ms=t_reo, fine_padded_ms=t_fine_p,
-               reorder_overhead_ms=t_reo - t_fine_p - t_sel, rel_l2_vs_raster=err_r)
-        del qp, kp, vp, out_r, o, lse, qg, kg, vg
+        # the same on one block per cube: what packing the edge cubes saves
+        t_cubes = timeit(lambda: vsa_attention(q, k, v, grid, keep, pack_edges=False))
+        record(results, tag, f"usv_vsa cubes keep={keep}", keep=keep, fwd_ms=t_cubes,
+               num_blocks=tiling.num_cubes)
+        del o, lse, qg, kg, vg
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ where the time goes (keep 0.125)
@@ -316,18 +295,21 @@ def sweep(results):
     N = math.prod(grid)
     q, k, v = (torch.randn(1, H, N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     dout = torch.randn_like(q)
-    lay = cube_tiling(grid, device=DEV).layout
+    lay = cube_tiling(grid, device=DEV).packed
     counts, kmax = _keep_counts(0.125, 1, H, lay.num_blocks, DEV)
     idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block, True,
                                 D ** -0.5, False, False)
     best = {}
-    fwd_cfgs = [(4, 1, 1), (4, 2, 1), (4, 3, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2)]
-    for kind, configs in (("fwd", fwd_cfgs), ("bwd", [(4, 1, 0), (4, 2, 0), (4, 3, 0)])):
+    # (warps, stages, KB, LAZY_TAU); KB 0: a backward config
+    fwd_cfgs = [(4, 2, 1, 0.0), (4, 2, 1, 8.0), (4, 3, 1, 0.0), (4, 3, 1, 8.0), (4, 1, 1, 8.0), (4, 2, 2, 8.0),
+                (8, 2, 2, 8.0), (8, 3, 2, 8.0), (8, 2, 1, 8.0)]
+    bwd_cfgs = [(4, 2, 0, 0), (4, 3, 0, 0), (8, 2, 0, 0), (8, 3, 0, 0)]
+    for kind, configs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
         times = {}
-        for w, s, kb in configs:
+        for w, s, kb, tau in configs:
             c = {"num_warps": w, "num_stages": s}
             if kb:
-                c["KB"] = kb
+                c.update(KB=kb, LAZY_TAU=tau)
             ops.set_kernel_config(**{kind: c})
             try:
                 if kind == "fwd":
@@ -341,8 +323,8 @@ def sweep(results):
             except Exception as e:
                 print(f"sweep {kind} {c}: {type(e).__name__} {str(e)[:200]}", flush=True)
                 continue
-            times[(w, s, kb)] = (t, c)
-            record(results, "sweep", f"{kind} warps={w} stages={s} KB={kb}", ms=t)
+            times[(w, s, kb, tau)] = (t, c)
+            record(results, "sweep", f"{kind} warps={w} stages={s} KB={kb} lazy_tau={tau}", ms=t)
         if times:
             best[kind] = min(times.values(), key=lambda tc: tc[0])[1]
             ops.set_kernel_config(**{kind: best[kind]})
@@ -408,8 +390,6 @@ def main():
         if "select_ms" in r:
             note = (f"select {r['select_ms']:.3f} + fine {r['fine_ms']:.3f} ms; fine {r['fine_tflops_useful']:.0f} "
                     f"TFLOP/s useful, {r['fine_tflops_tiles']:.0f} tiles")
-        if "reorder_overhead_ms" in r:
-            note = f"padded kernel {r['fine_padded_ms']:.3f} ms, reorder cost {r['reorder_overhead_ms']:.3f} ms"
         f = lambda x: f"{x:.3f}" if isinstance(x, float) else (str(x)[:40] if x is not None else "")  # noqa: E731
         print(f"| {r['shape']} | {r['impl']} | {f(fwd)} | {f(bwd)} | {note} |")
     for c in checks:

@@ -40,7 +40,7 @@ def model_dims(dm) -> tuple[int | None, int | None]:
 def limits_for(ctx) -> core.Limits:
     """What the features on this model let the policy change, per layer: a feature without the
     policy keeps its own fixed ratio, one with it gives a range bounded by its own ratio."""
-    from ..usv_core.tiling import num_cubes
+    from ..usv_core.tiling import num_blocks
 
     feats = ctx.patch.features
     sparse, merge = feats.get("sparse_attention"), feats.get("token_merge")
@@ -65,7 +65,7 @@ def limits_for(ctx) -> core.Limits:
         merge_hi.append(hi)
     cube = sparse.cube if sparse is not None else (4, 4, 4)
     return core.Limits(model_heads(ctx.model), tuple(keep_lo), tuple(keep_hi), tuple(merge_lo), tuple(merge_hi),
-                       num_cubes(ctx.grid, cube))
+                       num_blocks(ctx.grid, cube, pack_edges=sparse is None or sparse.pack_edges))
 
 
 def policy_run(ctx) -> core.PolicyRun | None:

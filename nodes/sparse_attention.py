@@ -70,13 +70,20 @@ class SparseAttention:
     gates: object = None  # GateWeights of a VSA-trained checkpoint, or None
     policy: object = None  # usv_core.policy.PolicyConfig: keep per (layer, head) from it, self.keep the least
 
+    @property
+    def pack_edges(self) -> bool:
+        # a VSA-trained checkpoint selects among the cubes it was trained with; otherwise partial
+        # edge cubes are joined into full blocks, which the kernels run faster
+        return self.gates is None
+
     def _dense(self, ctx: CallContext, call: AttentionCall, prun):
         """A call that runs dense: measure its coarse entropy when the policy will decide next step."""
         if prun is not None and prun.wants_entropy(ctx.step):
             from ..usv_core.policy import coarse_entropy
 
             n = ctx.grid_tokens if ctx.block_sizes is None else call.q_len  # text after the grid is not scored
-            h = coarse_entropy(call.q[:, :, :n], call.k[:, :, :n], ctx.grid, self.cube, block_sizes=ctx.block_sizes)
+            h = coarse_entropy(call.q[:, :, :n], call.k[:, :, :n], ctx.grid, self.cube, block_sizes=ctx.block_sizes,
+                               pack_edges=self.pack_edges)
             ctx.patch.run.entropy[(ctx.step, ctx.block)] = h
             prun.observe(ctx.block, h)
         return None
@@ -133,7 +140,7 @@ class SparseAttention:
                                                  return_stats=True)
         else:
             out, entropy = vsa_attention(call.q, call.k, call.v, ctx.grid, keep, cube=self.cube, gate=gate,
-                                         return_stats=True)
+                                         return_stats=True, pack_edges=self.pack_edges)
         run.count(ctx.step, ctx.block, "sparse")
         run.entropy[(ctx.step, ctx.block)] = entropy
         run.keep[(ctx.step, ctx.block)] = keep

@@ -72,16 +72,45 @@ def test_per_head_keep_and_selection_lists_match_reference():
     for h, n in enumerate((1, 4, 12)):
         assert torch.equal(idx[0, h, :, :n], ridx[0, h, :, :n])
     keep = torch.tensor([1 / 12, 4 / 12, 1.0], device=DEV)
-    ref = vsa_attention(q, k, v, grid, keep, backend="reference")
     saved = dict(ops._FWD_CONFIG)
     try:
-        for kb in (1, 2):  # one or two key blocks per step of the forward kernel; odd counts too
-            ops.set_kernel_config(fwd={"KB": kb})
-            out = vsa_attention(q, k, v, grid, keep, backend="triton")
-            assert rel_l2(out, ref) <= 1e-2, kb
+        # logits of spread 1 and of spread ~20 (base 2): the lazy rescale must move its stale max
+        for spread in (1.0, 6.0):
+            qs = (q.float() * spread).to(q.dtype)
+            ref = vsa_attention(qs, k, v, grid, keep, backend="reference")
+            # one or two key blocks per step of the forward kernel (odd counts too), and the
+            # running max moved at every step or only past LAZY_TAU
+            for kb, tau in ((1, 0.0), (1, 8.0), (2, 0.0), (2, 8.0)):
+                ops.set_kernel_config(fwd={"KB": kb, "LAZY_TAU": tau})
+                out = vsa_attention(qs, k, v, grid, keep, backend="triton")
+                assert rel_l2(out, ref) <= 1e-2, (spread, kb, tau)
     finally:
         ops._FWD_CONFIG.clear()
         ops._FWD_CONFIG.update(saved)
+
+
+@pytest.mark.parametrize("C,kmax", [(7, 3), (40, 17)])
+def test_list_transposition_matches_the_mask(C, kmax):
+    from usv_core.attention.reference import block_mask_from_lists
+
+    g = torch.Generator().manual_seed(C)
+    cnt = torch.randint(1, kmax + 1, (2, 3, C), generator=g, dtype=torch.int32)
+    scores = torch.rand(2, 3, C, C, generator=g)
+    idx = torch.full((2, 3, C, kmax), -1, dtype=torch.int32)
+    for b, h, r in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(C)).tolist():
+        n = int(cnt[b, h, r])
+        idx[b, h, r, :n] = scores[b, h, r].topk(n).indices.sort().values.to(torch.int32)
+    idx, cnt = idx.to(DEV), cnt.to(DEV)
+    qidx, qcnt, order = ops.transpose_lists(idx, cnt, C)
+    mask_t = block_mask_from_lists(idx, cnt, C).transpose(-1, -2)
+    assert torch.equal(qcnt.long(), mask_t.sum(-1))
+    for b, h, kb in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(C)).tolist():
+        n = int(qcnt[b, h, kb])
+        assert qidx[b, h, kb, :n].tolist() == torch.nonzero(mask_t[b, h, kb]).flatten().tolist()
+    # every key block once per (batch, head), longest query list first
+    assert torch.equal(order.sort(-1).values.long(), torch.arange(C, device=DEV).expand(2, 3, C))
+    lengths = qcnt.gather(-1, order.long())
+    assert (lengths[..., :-1] >= lengths[..., 1:]).all()
 
 
 def test_gradients_match_autograd_through_reference():
@@ -188,10 +217,11 @@ def test_gpu_supports():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("keep", [0.125, 0.05])
-def test_gpu_wan_480p_forward(keep):
+@pytest.mark.parametrize("pack_edges", [True, False])
+def test_gpu_wan_480p_forward(keep, pack_edges):
     grid = (21, 30, 52)
     q, k, v = (rand(1, 12, math.prod(grid), 128) for _ in range(3))
-    (out, h), (ref, h_ref) = both(vsa_attention, q, k, v, grid, keep, return_stats=True)
+    (out, h), (ref, h_ref) = both(vsa_attention, q, k, v, grid, keep, return_stats=True, pack_edges=pack_edges)
     assert rel_l2(out, ref) <= 1e-2
     assert torch.allclose(h, h_ref, atol=1e-4)
 

@@ -23,8 +23,25 @@ def rand(*shape, dtype=torch.float32, seed=None):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
-def brute_force_vsa(q, k, v, grid, cube, keep_counts, gate=None, scale=None):
-    """Token-by-token VSA straight from the definition, float64, loops over cube members."""
+def packed_blocks(cubes_by_key, vol):
+    """Blocks by the packing rule: walking each cube row (same t and h cube) along w, a partial
+    cube joins the block before it when that block is partial too and the sum fits in vol."""
+    blocks, last = [], None
+    for key in sorted(cubes_by_key):
+        m = cubes_by_key[key]
+        row = key[:2]
+        if last is not None and last[0] == row and len(m) < vol and len(blocks[-1]) < vol and \
+                len(blocks[-1]) + len(m) <= vol and last[1] < vol:
+            blocks[-1] = blocks[-1] + m
+        else:
+            blocks.append(list(m))
+        last = (row, len(m))
+    return blocks
+
+
+def brute_force_vsa(q, k, v, grid, cube, keep_counts, gate=None, scale=None, pack=False):
+    """Token-by-token VSA straight from the definition, float64, loops over block members
+    (cubes, or with pack the blocks of the packing rule)."""
     B, H, N, D = q.shape
     T, Hh, W = grid
     scale = D ** -0.5 if scale is None else scale
@@ -32,7 +49,7 @@ def brute_force_vsa(q, k, v, grid, cube, keep_counts, gate=None, scale=None):
     for t, h, w in itertools.product(range(T), range(Hh), range(W)):
         key = (t // cube[0], h // cube[1], w // cube[2])
         members.setdefault(key, []).append((t * Hh + h) * W + w)
-    cubes = [members[key] for key in sorted(members)]
+    cubes = packed_blocks(members, math.prod(cube)) if pack else [members[key] for key in sorted(members)]
     cube_of = {r: c for c, m in enumerate(cubes) for r in m}
     q, k, v = q.double(), k.double(), v.double()
     out = torch.zeros(B, H, N, D, dtype=torch.float64)
@@ -77,12 +94,29 @@ def test_matches_brute_force_definition_with_edges_gate_and_per_head_keep():
     counts = [[max(1, math.ceil(float(x) * C - 1e-6)) for x in row] for row in keep]
     assert counts == [[3, 6], [2, 12]]
     ref = brute_force_vsa(q, k, v, grid, cube, counts, gate=gate)
-    out = vsa_attention(q, k, v, grid, keep, cube=cube, gate=gate)
+    out = vsa_attention(q, k, v, grid, keep, cube=cube, gate=gate, pack_edges=False)
     assert rel_l2(out, ref) <= 1e-5
     # the gate only adds the coarse term
-    no_gate = vsa_attention(q, k, v, grid, keep, cube=cube)
+    no_gate = vsa_attention(q, k, v, grid, keep, cube=cube, pack_edges=False)
     assert rel_l2(no_gate, brute_force_vsa(q, k, v, grid, cube, counts)) <= 1e-5
     assert rel_l2(out - no_gate, ref - brute_force_vsa(q, k, v, grid, cube, counts)) <= 1e-4
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 3), (3, 3, 8)])
+def test_packed_edges_match_brute_force_on_joined_blocks(grid):
+    cube = (2, 2, 2)
+    N = math.prod(grid)
+    q, k, v = (rand(1, 2, N, 8) for _ in range(3))
+    gate = rand(1, 2, N, 8)
+    members = {}
+    for t, h, w in itertools.product(*(range(g) for g in grid)):
+        members.setdefault((t // 2, h // 2, w // 2), []).append((t * grid[1] + h) * grid[2] + w)
+    C = len(packed_blocks(members, 8))
+    assert C < len(members)  # these grids have edge cubes to join
+    keep = torch.tensor([0.3, 0.6])
+    counts = [[max(1, math.ceil(float(x) * C - 1e-6)) for x in keep]]
+    ref = brute_force_vsa(q, k, v, grid, cube, counts, gate=gate, pack=True)
+    assert rel_l2(vsa_attention(q, k, v, grid, keep, cube=cube, gate=gate), ref) <= 1e-5
 
 
 def test_selection_ties_go_to_lower_index_and_lists_are_sorted():
@@ -127,9 +161,13 @@ def test_blocked_entry_equals_grid_entry_on_cube_order():
     N = math.prod(grid)
     q, k, v = (rand(1, 2, N, 16) for _ in range(3))
     tl = cube_tiling(grid)
-    a = vsa_attention(q, k, v, grid, 0.4)
+    a = vsa_attention(q, k, v, grid, 0.4, pack_edges=False)
     qc, kc, vc = (to_cube_order(t, grid) for t in (q, k, v))
     b = from_cube_order(vsa_attention_blocked(qc, kc, vc, tl.block_sizes, 0.4), grid)
+    assert rel_l2(b, a) <= 1e-5
+    # packed blocks are runs of consecutive cubes: the same sequence, grouped by their sizes
+    a = vsa_attention(q, k, v, grid, 0.4)
+    b = from_cube_order(vsa_attention_blocked(qc, kc, vc, tl.packed.block_sizes, 0.4), grid)
     assert rel_l2(b, a) <= 1e-5
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from usv_core.tiling import blocked_layout, cube_tiling, from_cube_order, next_block, to_cube_order
+from usv_core.tiling import blocked_layout, cube_tiling, from_cube_order, next_block, num_blocks, to_cube_order
 
 
 def _cube_of(t, h, w, cube, cube_grid):
@@ -50,6 +50,39 @@ def test_edge_cube_sizes_of_wan_grid():
     assert sizes[0, 7, 0] == 32  # 30 = 7 * 4 + 2 rows
     assert sizes[5, 7, 12] == 8
     assert int(sizes.sum()) == 21 * 30 * 52
+
+
+@pytest.mark.parametrize("grid,cube", [((21, 30, 52), (4, 4, 4)), ((21, 45, 80), (4, 4, 4)), ((5, 7, 9), (4, 4, 4)),
+                                       ((3, 5, 3), (2, 2, 2)), ((9, 16, 16), (4, 4, 4)), ((1, 1, 1), (4, 4, 4))])
+def test_packed_layout_joins_partial_cubes_of_a_row(grid, cube):
+    tl = cube_tiling(grid, cube)
+    vol = math.prod(cube)
+    nt, nh, nw = tl.cube_grid
+    sizes = tl.block_sizes.tolist()
+    p = tl.packed
+    assert p.block == tl.layout.block and p.num_tokens == tl.num_tokens
+    # every packed block is a run of consecutive cubes of one cube row, in cube order
+    cube_of = tl.layout.block_of_token
+    runs = [sorted(set(cube_of[p.token_table[b][p.token_table[b] >= 0].long()].tolist())) for b in range(p.num_blocks)]
+    assert [c for r in runs for c in r] == list(range(tl.num_cubes))
+    for b, r in enumerate(runs):
+        assert r == list(range(r[0], r[-1] + 1)) and len({c // nw for c in r}) == 1
+        assert p.block_sizes[b] == sum(sizes[c] for c in r) <= vol
+        assert len(r) == 1 or all(sizes[c] < vol for c in r)
+        toks = p.token_table[b][: p.block_sizes[b]].long()
+        assert (p.token_table[b][p.block_sizes[b]:] == -1).all() and (p.block_of_token[toks] == b).all()
+    # greedy: a partial cube starts a new block only when the one before it is full or in another row
+    for b in range(1, p.num_blocks):
+        first, prev_last = runs[b][0], runs[b - 1][-1]
+        if sizes[first] < vol and first // nw == prev_last // nw:
+            assert int(p.block_sizes[b - 1]) + sizes[first] > vol
+    assert num_blocks(grid, cube) == p.num_blocks and num_blocks(grid, cube, pack_edges=False) == tl.num_cubes
+
+
+def test_packed_wan_grid_is_nearly_full_tiles():
+    p = cube_tiling((21, 30, 52)).packed
+    assert p.num_blocks == 520  # 455 full cubes; the edge layers of 624 cubes become 65 blocks
+    assert (p.num_blocks * 64 / p.num_tokens) ** 2 < 1.04
 
 
 def test_round_trip_and_cache():

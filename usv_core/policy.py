@@ -325,9 +325,9 @@ def allocate(entropy, budget: float, limits: Limits, gamma: float = 1.0, mode: s
 
 
 def coarse_entropy(q: torch.Tensor, k: torch.Tensor, grid=None, cube=(4, 4, 4), block_sizes=None,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, pack_edges: bool = True) -> torch.Tensor:
     """(B, heads) normalised entropy of the cube-level attention softmax(q_c k_c^T * scale),
-    averaged over query cubes: what VSA's selection reports, for calls that run dense. Costs one
+    averaged over query blocks: what VSA's selection reports, for calls that run dense. Costs one
     pooling pass over q and k and a (cubes x cubes) product per head; stays on q's device."""
     from .attention.reference import coarse_entropy as _entropy, coarse_scores
     from .tiling import blocked_layout, cube_tiling
@@ -335,7 +335,8 @@ def coarse_entropy(q: torch.Tensor, k: torch.Tensor, grid=None, cube=(4, 4, 4), 
     if block_sizes is not None:
         layout = blocked_layout(block_sizes, device=q.device)
     else:
-        layout = cube_tiling(grid, cube, q.device).layout
+        tiling = cube_tiling(grid, cube, q.device)
+        layout = tiling.packed if pack_edges else tiling.layout
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with torch.no_grad():
         return _entropy(coarse_scores(q, k, layout, scale))

@@ -12,6 +12,12 @@ Two layouts describe the same grouping:
 - padded token table: (num_cubes, block) raster indices with -1 for the slots an edge cube lacks
   (`token_table`); the kernels read raster-ordered tensors through it, so no reorder is needed.
 
+`packed` is the block layout attention runs on by default: runs of neighbouring edge cubes along
+w (the one-frame cubes of a 4k+1-frame latent, the two-row cubes of a 30-token height) are joined
+into blocks of at most one cube's volume, so a 4x4x4 tiling of Wan's 480p grid (21, 30, 52) has
+520 blocks of 63 tokens on average instead of 624 cubes of 52.5: every block the kernels touch is
+then a nearly full tile. Full cubes stay blocks of their own; the order stays cube order.
+
 `cube_tiling(grid, cube, device)` builds all of it once per (grid, cube, device) and caches it.
 """
 
@@ -33,6 +39,7 @@ __all__ = [
     "to_cube_order",
     "from_cube_order",
     "next_block",
+    "num_blocks",
 ]
 
 
@@ -70,7 +77,8 @@ class CubeTiling:
     inv_perm: torch.Tensor  # (N,) compact cube-order position of raster token r
     block_sizes: torch.Tensor  # (num_cubes,) int32 real tokens per cube
     block_starts: torch.Tensor  # (num_cubes + 1,) int64 offsets into compact cube order
-    layout: BlockLayout  # token_table holds raster indices: kernels read raster tensors directly
+    layout: BlockLayout  # one block per cube; token_table holds raster indices
+    packed: BlockLayout  # edge cubes joined along w (see the module docstring); raster indices too
 
 
 def check_triple(name, value) -> Tuple[int, int, int]:
@@ -129,6 +137,7 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
         block_sizes=sizes.to(torch.int32).to(device),
         block_of_token=block_of_token.to(device),
     )
+    packed = _pack_edges(table, valid, sizes, ci // nw, vol, blk, n, device)
     return CubeTiling(
         grid=(T, H, W),
         cube=(ct, ch, cw),
@@ -140,6 +149,40 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
         block_sizes=sizes.to(torch.int32).to(device),
         block_starts=starts.to(device),
         layout=layout,
+        packed=packed,
+    )
+
+
+def _pack_edges(table, valid, sizes, row, vol, blk, n, device) -> BlockLayout:
+    """Join runs of consecutive partial cubes of one cube row (same t and h cube) into blocks of
+    at most `vol` tokens, greedily from the row's start."""
+    group, g, fill, last_row = [], -1, vol, -1
+    for c, (s, r) in enumerate(zip(sizes.tolist(), row.tolist())):
+        if s == vol or r != last_row or fill + s > vol:
+            g, fill = g + 1, 0
+        group.append(g)
+        fill = vol if s == vol else fill + s
+        last_row = r
+    group = torch.tensor(group)
+    nb = g + 1
+    psizes = torch.zeros(nb, dtype=torch.int64).index_add_(0, group, sizes)
+    # the real slots of each group's cubes, in cube order, then padded to the tile width
+    tok = table[valid]
+    tok_group = torch.repeat_interleave(group, sizes)
+    starts = torch.cumsum(psizes, 0) - psizes
+    slot = torch.arange(tok.numel()) - starts[tok_group]
+    ptable = torch.full((nb, blk), -1, dtype=torch.int64)
+    ptable[tok_group, slot] = tok
+    block_of_token = torch.empty(n, dtype=torch.int64)
+    block_of_token[tok] = tok_group
+    return BlockLayout(
+        num_tokens=n,
+        num_blocks=nb,
+        block=blk,
+        max_block_size=int(psizes.max()),
+        token_table=ptable.to(torch.int32).to(device),
+        block_sizes=psizes.to(torch.int32).to(device),
+        block_of_token=block_of_token.to(device),
     )
 
 
@@ -217,3 +260,10 @@ def num_cubes(grid, cube=(4, 4, 4)) -> int:
     grid = check_triple("grid", grid)
     cube = check_triple("cube", cube)
     return math.prod(-(-g // c) for g, c in zip(grid, cube))
+
+
+def num_blocks(grid, cube=(4, 4, 4), pack_edges: bool = True) -> int:
+    """Blocks vsa_attention selects among on this grid (keep counts are shares of this)."""
+    if not pack_edges:
+        return num_cubes(grid, cube)
+    return cube_tiling(grid, cube).packed.num_blocks

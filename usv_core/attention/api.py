@@ -186,13 +186,16 @@ def _vsa(q, k, v, layout: BlockLayout, keep, gate, scale, return_stats, backend)
 
 
 def vsa_attention(q, k, v, grid, keep, cube=(4, 4, 4), gate=None, scale=None, *,
-                  return_stats: bool = False, backend: str = "auto"):
+                  return_stats: bool = False, backend: str = "auto", pack_edges: bool = True):
     """Video Sparse Attention over a (T, H, W) token grid; q, k, v (B, heads, N, D) in raster order.
 
-    keep: float in (0, 1], or a (heads,) / (B, heads) tensor of ratios; each query cube attends
-    the max(1, ceil(keep * num_cubes)) key cubes of highest coarse score; keep=1 is dense.
+    keep: float in (0, 1], or a (heads,) / (B, heads) tensor of ratios; each query block attends
+    the max(1, ceil(keep * num_blocks)) key blocks of highest coarse score; keep=1 is dense.
     gate: optional, broadcastable to the output: out = fine + gate * coarse.
     return_stats: also return h (B, heads), the normalised entropy of the coarse attention.
+    pack_edges: blocks are cubes, with runs of partial edge cubes along w joined into blocks of
+    at most one cube's volume (usv_core.tiling); False gives one block per cube, the tiling VSA
+    checkpoints were trained with.
     Returns (B, heads, N, D) in raster order (and h when return_stats).
     """
     _check_qkv(q, k, v)
@@ -200,7 +203,8 @@ def vsa_attention(q, k, v, grid, keep, cube=(4, 4, 4), gate=None, scale=None, *,
     if math.prod(g) != q.shape[2]:
         raise ValueError(f"grid {g} holds {math.prod(g)} tokens but q has N={q.shape[2]}")
     tiling = cube_tiling(g, cube, q.device)
-    return _vsa(q, k, v, tiling.layout, keep, gate, scale, return_stats, backend)
+    layout = tiling.packed if pack_edges else tiling.layout
+    return _vsa(q, k, v, layout, keep, gate, scale, return_stats, backend)
 
 
 def vsa_attention_blocked(q, k, v, block_sizes, keep, gate=None, scale=None, *,

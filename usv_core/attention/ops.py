@@ -21,8 +21,10 @@ _LOG2E = 1.4426950408889634
 # beyond this many blocks selection falls back to torch (pooling and scores still run in Triton)
 MAX_SELECT_BLOCKS = 4096
 
-_FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H100 sweep: bench/attention.md
+# H200 sweep: bench/attention.md. LAZY_TAU: see triton_fwd (0 rescales at every step)
+_FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1, "LAZY_TAU": 8.0}
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
+_SCORE_PRECISION = "tf32x3"  # see triton_scores; "ieee" is the FMA-unit path
 
 
 # Tests set this: kernel outputs then start as NaN (floats) or -7 (ints) instead of uninitialised
@@ -37,8 +39,8 @@ def _new(shape, dtype, device):
 
 
 def set_kernel_config(fwd=None, bwd=None):
-    """Override launch parameters (num_warps, num_stages; KB = key blocks per forward step);
-    used by the benchmark's sweep."""
+    """Override launch parameters (num_warps, num_stages; forward: KB key blocks per step,
+    LAZY_TAU); used by the benchmark's sweep."""
     if fwd:
         _FWD_CONFIG.update(fwd)
     if bwd:
@@ -76,6 +78,13 @@ def _kernels():
     return triton_pool, triton_scores, triton_select, triton_fwd, triton_bwd
 
 
+def _transpose_kernels():
+    _patch_interpreter()
+    from . import triton_transpose
+
+    return triton_transpose
+
+
 def _empty(device):
     return torch.empty(0, dtype=torch.int32, device=device)
 
@@ -98,15 +107,15 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
         v.stride(0), v.stride(1), v.stride(2),
         H, C,
         HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, WITH_V=with_coarse,
-        num_warps=4,
+        num_warps=8 if block * D >= 8192 else 4,
     )
     idx = _new((B, H, C, kmax), torch.int32, dev)
     cnt = _new((B, H, C), torch.int32, dev)
     coarse = _new((B, H, C, D) if with_coarse else (0,), torch.float32, dev)
     ent = _new((B, H, C) if with_stats else (0,), torch.float32, dev)
     scores = _new((B, H, C, C), torch.float32, dev)
-    scores_mod.scores_kernel[(_cdiv(C, 32), _cdiv(C, 32), B * H)](
-        qc, kc, scores, C, scale, HEAD_DIM=D, BM=32, BN=32, BK=32, num_warps=4,
+    scores_mod.scores_kernel[(_cdiv(C, 64), _cdiv(C, 64), B * H)](
+        qc, kc, scores, C, scale, HEAD_DIM=D, BM=64, BN=64, BK=32, PRECISION=_SCORE_PRECISION, num_warps=4,
     )
     cpad = max(32, _next_pow2(C))
     if cpad > MAX_SELECT_BLOCKS:
@@ -161,14 +170,19 @@ def _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
 
 
 def transpose_lists(idx, cnt, num_blocks):
-    """Per-query-block key lists -> per-key-block query lists, ascending (for dk/dv)."""
-    from .reference import block_mask_from_lists
-
-    mask_t = block_mask_from_lists(idx, cnt, num_blocks).transpose(-1, -2)
-    qcnt = mask_t.sum(-1, dtype=torch.int32)
-    qmax = max(1, int(qcnt.max()))
-    qidx = torch.argsort((~mask_t).to(torch.uint8), dim=-1, stable=True)[..., :qmax]
-    return qidx.to(torch.int32).contiguous(), qcnt.contiguous()
+    """Per-query-block key lists -> per-key-block query lists, ascending (for dk/dv), with the
+    order the dk/dv programs take the key blocks in: longest list first.
+    Returns (qidx (B, H, C, C) int32, qcnt (B, H, C) int32, order (B, H, C) int32)."""
+    tr = _transpose_kernels()
+    B, H, C, kmax = idx.shape
+    mask = torch.zeros((B, H, C, C), dtype=torch.int8, device=idx.device)
+    tr.scatter_kernel[(C, B * H)](idx, cnt, mask, C, kmax, KPAD=_next_pow2(max(kmax, 16)), num_warps=1)
+    qidx = _new((B, H, C, C), torch.int32, idx.device)
+    qcnt = _new((B, H, C), torch.int32, idx.device)
+    cpad = max(32, _next_pow2(C))
+    tr.compact_kernel[(C, B * H)](mask, qidx, qcnt, C, CPAD=cpad, num_warps=max(1, min(8, cpad // 1024)))
+    order = torch.argsort(qcnt, dim=-1, descending=True, stable=True).to(torch.int32)
+    return qidx, qcnt, order
 
 
 def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, scale):
@@ -193,9 +207,9 @@ def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, sca
         q, k, v, o, do, dq, lse, delta, idx, cnt, tab, sizes, *strides,
         H, nb, N, idx.shape[-1], scale * _LOG2E, scale, **common,
     )
-    qidx, qcnt = transpose_lists(idx, cnt, nb)
+    qidx, qcnt, order = transpose_lists(idx, cnt, nb)
     bwd_mod.bsa_bwd_dkdv_kernel[(nb, B * H)](
-        q, k, v, do, dk, dv, lse, delta, qidx, qcnt, tab, sizes, *strides,
+        q, k, v, do, dk, dv, lse, delta, qidx, qcnt, order, tab, sizes, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2),
         H, nb, N, qidx.shape[-1], scale * _LOG2E, scale, **common,
     )

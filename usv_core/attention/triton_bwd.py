@@ -4,12 +4,13 @@ The probabilities are recomputed from the forward's base-2 log-sum-exp. The dq k
 same per-query-block key lists as the forward and, on the way, stores delta = rowsum(dO * O) that
 the dk/dv kernel needs, so no separate preprocessing launch exists. The dk/dv kernel walks the
 transposed lists (per key block, the query blocks that selected it), which keeps every program's
-writes private: no atomics, deterministic results.
+writes private: no atomics, deterministic results. Those lists differ in length (random data and
+real videos both favour some key blocks), so its programs take key blocks in ORDER, longest list
+first: the long ones start early instead of forming a tail.
 """
 
 import triton
 import triton.language as tl
-
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def bsa_bwd_dq_kernel(
 
 @triton.jit
 def bsa_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QIDX, QCNT, TAB, SIZES,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QIDX, QCNT, ORDER, TAB, SIZES,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -90,8 +91,8 @@ def bsa_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # DO uses stride_o*; DK and DV share stride_g*
-    kb = tl.program_id(0)
     bh = tl.program_id(1)
+    kb = tl.load(ORDER + bh.to(tl.int64) * NKB + tl.program_id(0))
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs = tl.arange(0, BLOCK)
