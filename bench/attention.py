@@ -265,6 +265,33 @@ def bench_shape(key, args, results, checks):
                    fwd_tflops_tiles=flops / t_f / 1e9)
     q0, k0, v0 = q, k, v
 
+    # ------------------------------------------------------------------ cuDNN BSA on our lists
+    def cudnn_fine():
+        from bench.cudnn_block_sparse import make_runner, versions
+
+        # the same packed blocks padded to whole 64-token tiles in cube order, our selection's lists
+        tab = lay.token_table.long().flatten()
+        valid = tab >= 0
+        mask = valid[None, None, :, None]
+
+        def pad(t):
+            return t.index_select(2, tab.clamp(min=0)) * mask.to(t.dtype)
+
+        qp, kp, vp = pad(q), pad(k), pad(v)
+        for keep in KEEPS:
+            counts, kmax = _keep_counts(keep, B, H, C, DEV)
+            idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block,
+                                        True, scale, False, False)
+            run, output = make_runner(qp, kp, vp, idx, cnt, block=lay.block, block_sizes=lay.block_sizes)
+            t = timeit(run)
+            fine = lambda: ops.attend(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True, scale)  # noqa: E731
+            err = rel_l2(output()[:, :, valid], pad(fine())[:, :, valid])
+            _, tiles = sparse_flops(lay, (idx, cnt), D)
+            record(results, tag, f"cudnn_bsa fine keep={keep}", keep=keep, fwd_ms=t, ours_fine_ms=timeit(fine),
+                   rel_l2_vs_ours=err, fwd_tflops_tiles=tiles / t / 1e9, versions=versions())
+        del qp, kp, vp
+    guarded(results, tag, "cudnn_bsa", cudnn_fine)
+
     # ------------------------------------------------------------------ comfy-kitchen sol_attn
     def sol():
         import comfy_kitchen as ck
