@@ -14,10 +14,8 @@ bytes of register spills per thread. KB key blocks per step (1 or 2) is a launch
 H100 sweep one block per step (4 warps, 2 stages) was fastest.
 
 The softmax runs on the raw logits: the row max is taken before scaling (scale > 0), so
-exp2(qk * scale - m * scale) is one FMA per element. With LAZY_TAU > 0 the running max (and the
-rescale of the 64 x D accumulator) is only moved when some row's max grows by more than LAZY_TAU
-(base 2): the stale max keeps every exponent <= LAZY_TAU, so p stays within 2^LAZY_TAU in float32
-and bfloat16 alike, and the final division makes the result the same up to rounding.
+exp2(qk * scale - m * scale) is one FMA per element. (Moving the running max only when it grows
+by more than a threshold, as FlashAttention-4 does, ran 6% slower here: bench/attention.md.)
 
 The row log-sum-exp (base 2, in units of the scaled logits) is stored per token for the backward.
 """
@@ -35,7 +33,7 @@ def bsa_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     H, NQB, N, kmax, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr, DOT_F32: tl.constexpr,
-    KB: tl.constexpr, LAZY_TAU: tl.constexpr,
+    KB: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -87,24 +85,12 @@ def bsa_fwd_kernel(
         qk = tl.dot(q, tl.trans(k))
         qk = tl.where(k_valid[None, :], qk, float("-inf"))
         m_cur = tl.max(qk, 1) * qk_scale
-        if LAZY_TAU > 0:
-            # one scalar test per step: rescale only when some row's max outgrew the stale one
-            if tl.max(m_cur - m_i, 0) > LAZY_TAU:
-                m_new = tl.maximum(m_i, m_cur)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            acc = acc + tl.dot(p.to(v.dtype), v)
-        else:
-            m_new = tl.maximum(m_i, m_cur)
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        m_new = tl.maximum(m_i, m_cur)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     acc = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + q_tok[:, None] * stride_on + d[None, :],
