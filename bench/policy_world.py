@@ -46,14 +46,17 @@ def prompts(n: int) -> list[str]:
 
 
 def fixed_config(spec: str) -> dict:
-    """'keep=0.5,merge=0.3,dense=10,metric=hidden' -> fixed settings without a policy (missing
-    parts: off; metric: token merging's similarity, keys by default)."""
-    out = dict(keep=1.0, merge=0.0, dense=1, metric="keys")
+    """'keep=0.5,merge=0.3,dense=10,metric=hidden,tiling=cubes' -> fixed settings without a policy
+    (missing parts: off; metric: token merging's similarity, keys by default; tiling: the blocks
+    attention selects among, packed edge cubes by default or one block per cube)."""
+    out = dict(keep=1.0, merge=0.0, dense=1, metric="keys", tiling="packed")
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in out:
             raise SystemExit(f"--fixed: unknown key {key!r} in {spec!r} (keys: {', '.join(out)})")
         out[key] = type(out[key])(value)
+    if out["tiling"] not in ("packed", "cubes"):
+        raise SystemExit(f"--fixed: tiling is 'packed' or 'cubes', got {out['tiling']!r}")
     return out
 
 
@@ -158,7 +161,11 @@ def main() -> None:
         return comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, pos, pos, empty, seed=seed)
 
     rows, dense_cache = [], {}
+    feature = sys.modules[sparse_node.__module__].SparseAttention
+    packed = feature.pack_edges
     for name, budget, kw in configs(a.budgets, a.early, a.power, a.fixed):
+        # the benchmark's own switch between the two tilings (the node packs unless gates are loaded)
+        feature.pack_edges = property(lambda self: False) if kw and kw.get("tiling") == "cubes" else packed
         if kw is None:
             model = base
         elif budget is None:
