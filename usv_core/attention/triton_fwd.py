@@ -1,7 +1,7 @@
 """Block-sparse flash attention, forward.
 
 One program per (query block, batch*head) walks that query block's list of key blocks with an
-online softmax in base 2 (scale * log2(e) folded into one multiply), accumulating in float32.
+online softmax in base 2 (scale * log2(e) folded into the exponent's FMA), accumulating in float32.
 
 Rows of a block are found in one of two ways (USE_TABLE):
 - through the token table (num_blocks, BLOCK) of sequence indices, -1 for missing slots: this
@@ -11,11 +11,11 @@ Rows of a block are found in one of two ways (USE_TABLE):
 Missing keys get -inf logits; missing query rows are never stored. Row offsets inside one
 (batch, head) are 32-bit (the wrapper guarantees they fit): 64-bit offset tensors cost ~100 more
 bytes of register spills per thread. KB key blocks per step (1 or 2) is a launch option; on the
-H100 sweep one block per step (4 warps, 2 stages) was fastest.
+H100 and H200 sweeps one block per step (4 warps, 2 stages) was fastest.
 
 The softmax runs on the raw logits: the row max is taken before scaling (scale > 0), so
 exp2(qk * scale - m * scale) is one FMA per element. (Moving the running max only when it grows
-by more than a threshold, as FlashAttention-4 does, ran 6% slower here: bench/attention.md.)
+by more than a threshold, as FlashAttention-4 does, ran 6% slower on the H200: bench/attention.md.)
 
 The row log-sum-exp (base 2, in units of the scaled logits) is stored per token for the backward.
 """
