@@ -45,11 +45,12 @@ def prompts(n: int) -> list[str]:
     return (PROMPTS + extra)[:n]
 
 
-def fixed_config(spec: str) -> dict:
+def fixed_config(spec: str, tiling: str = "packed") -> dict:
     """'keep=0.5,merge=0.3,dense=10,metric=hidden,tiling=cubes' -> fixed settings without a policy
     (missing parts: off; metric: token merging's similarity, keys by default; tiling: the blocks
-    attention selects among, packed edge cubes by default or one block per cube)."""
-    out = dict(keep=1.0, merge=0.0, dense=1, metric="keys", tiling="packed")
+    attention selects among: packed edge cubes, or one block per cube, the default for a student
+    since the shipped one was distilled on cubes)."""
+    out = dict(keep=1.0, merge=0.0, dense=1, metric="keys", tiling=tiling)
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in out:
@@ -60,9 +61,9 @@ def fixed_config(spec: str) -> dict:
     return out
 
 
-def configs(budgets, early, power, fixed=()):
+def configs(budgets, early, power, fixed=(), tiling="packed"):
     out = [("dense", None, None)]
-    out += [(spec, None, fixed_config(spec)) for spec in fixed]
+    out += [(spec, None, fixed_config(spec, tiling)) for spec in fixed]
     for b in budgets:
         out.append((f"static@{b:g}", b, dict(mode="static")))
         out.append((f"entropy@{b:g}", b, dict(mode="entropy", gamma=1.0)))
@@ -161,22 +162,21 @@ def main() -> None:
         return comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, pos, pos, empty, seed=seed)
 
     rows, dense_cache = [], {}
-    feature = sys.modules[sparse_node.__module__].SparseAttention
-    packed = feature.pack_edges
-    for name, budget, kw in configs(a.budgets, a.early, a.power, a.fixed):
-        # the benchmark's own switch between the two tilings (the node packs unless gates are loaded)
-        feature.pack_edges = property(lambda self: False) if kw and kw.get("tiling") == "cubes" else packed
+    tiling = "cubes" if a.student else "packed"
+    for name, budget, kw in configs(a.budgets, a.early, a.power, a.fixed, tiling):
         if kw is None:
             model = base
         elif budget is None:
             model = base
             if kw["keep"] < 1:
-                model = sparse_node.execute(model, kw["keep"], kw["dense"], "", "4x4x4", "none").result[0]
+                model = sparse_node.execute(model, kw["keep"], kw["dense"], "", "4x4x4", "none",
+                                            blocks=kw["tiling"]).result[0]
             if kw["merge"] > 0:
                 model = merge_node.execute(model, kw["merge"], kw["dense"], "", kw["metric"]).result[0]
         else:
             cfg = PolicyConfig(budget=budget, refresh=a.refresh, **kw)
-            model = sparse_node.execute(base, a.keep_floor, a.dense_steps, "", "4x4x4", "none", cfg).result[0]
+            model = sparse_node.execute(base, a.keep_floor, a.dense_steps, "", "4x4x4", "none", cfg,
+                                        blocks=tiling).result[0]
             if a.merge_cap > 0:
                 model = merge_node.execute(model, a.merge_cap, a.dense_steps, "", "keys", cfg).result[0]
         per = []

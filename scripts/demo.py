@@ -67,12 +67,13 @@ def student_sigmas(steps: int) -> dict:
 
 def world_student_graph(prompt: str, seed: int = 0, steps: int = STUDENT_STEPS, keep: float = STUDENT_KEEP,
                         dense_steps: int = 0, frames: int = 17, size: int = 256, decode: str = "USVVAEDecode") -> dict:
-    """The student's graph: USV Sparse Attention at its trained keep, USV DMD Sigmas and USV DMD
-    Sampler, no CFG (BasicGuider), USV VAE Decode (ComfyUI's decode where it cannot serve)."""
+    """The student's graph: USV Sparse Attention at its trained keep on the cubes it was distilled
+    with, USV DMD Sigmas and USV DMD Sampler, no CFG (BasicGuider), USV VAE Decode (ComfyUI's
+    decode where it cannot serve)."""
     return {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(WORLD_STUDENT), "weight_dtype": "default"}},
         "usv": {"class_type": "USVSparseAttention", "inputs": {"model": ["unet", 0], "keep": keep, "dense_steps": dense_steps,
-                                                               "dense_blocks": "", "cube": "4x4x4"}},
+                                                               "dense_blocks": "", "cube": "4x4x4", "blocks": "cubes"}},
         "pos": {"class_type": "USVWorldPrompt", "inputs": {"prompt": prompt}},
         "guider": {"class_type": "BasicGuider", "inputs": {"model": ["usv", 0], "conditioning": ["pos", 0]}},
         "sigmas": {"class_type": "USVDMDSigmas", "inputs": {"model": ["usv", 0], **student_sigmas(steps)}},

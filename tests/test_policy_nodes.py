@@ -80,7 +80,7 @@ def test_new_inputs_come_after_the_released_ones(comfy_nodes):
         return [i.id for i in schema.inputs]
 
     assert names("USVSparseAttention") == ["model", "keep", "dense_steps", "dense_blocks", "cube", "gate_weights",
-                                           "policy"]
+                                           "policy", "blocks"]
     assert names("USVTokenMerge") == ["model", "ratio", "dense_steps", "blocks", "metric", "policy"]
     assert names("USVPolicy") == ["budget", "gamma", "refresh", "mode", "early"]
     assert names("USVAccelerate") == ["model", "speed", "dense_share"]  # new widgets go last

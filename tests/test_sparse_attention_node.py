@@ -29,6 +29,8 @@ def graph(unet, conds, usv=None, sampler="ksampler", latent=None, steps=3, cfg=4
         g["usv"] = {"class_type": "USVSparseAttention", "inputs": {
             "model": model, "keep": usv.get("keep", 0.125), "dense_steps": usv.get("dense_steps", 1),
             "dense_blocks": usv.get("dense_blocks", ""), "cube": usv.get("cube", "4x4x4")}}
+        if "blocks" in usv:
+            g["usv"]["inputs"]["blocks"] = usv["blocks"]
         model = ["usv", 0]
     if extra:
         g.update(extra(model))
@@ -104,6 +106,18 @@ def test_grid_not_a_multiple_of_the_cube_and_cond_uncond_batches(run_workflow, t
     assert out.shape == (1, 16, 2, 10, 14)
     assert torch.isfinite(out).all()
     assert usv_stats(result).paths()["sparse"] >= 3 * LAYERS
+
+
+def test_blocks_packed_joins_edge_cubes_and_cubes_keeps_them(run_workflow, tiny_wan, conds):
+    # grid (2, 5, 7): four partial cubes (32, 24, 8, 6 tokens); packed joins each row's pair into
+    # one block, so keep 0.3 selects 1 of 2 blocks there and 2 of 4 cubes with "cubes"
+    latent = latent_of(frames=2, height=10, width=14)
+    out = {}
+    for blocks in ("auto", "packed", "cubes"):
+        usv = {"keep": 0.3, "dense_steps": 0, "blocks": blocks}
+        out[blocks] = sampled(run_workflow(graph(tiny_wan, conds, usv=usv, latent=latent)))
+    assert torch.equal(out["auto"], out["packed"])  # no gate weights: auto packs
+    assert (out["packed"] - out["cubes"]).abs().max() > 1e-4
 
 
 def test_patched_model_is_untouched_and_repatching_replaces(comfy_nodes, tiny_wan):
@@ -197,6 +211,8 @@ def test_bad_inputs_say_what_to_change(comfy_nodes, tiny_wan):
         node.execute(model, 0.25, 1, "5", "4x4x4")
     with pytest.raises(ValueError, match="ranges like '0-2'"):
         node.execute(model, 0.25, 1, "first", "4x4x4")
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        node.execute(model, 0.25, 1, "", "4x4x4", blocks="tiles")
 
 
 def test_unsupported_model_gets_an_error_naming_the_families(comfy_nodes):

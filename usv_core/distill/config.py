@@ -30,6 +30,7 @@ class Config:
     keep: float = 0.2
     merge: float = 0.5
     cube: str = "4x4x4"
+    tiling: str = "packed"  # USV Sparse Attention's blocks: packed edge cubes, or "cubes" (one block each)
     dense_steps: int = 0
     dense_student: bool = False  # distil dense; sparsify only at inference (the comparison)
     backend: str = "auto"
@@ -72,7 +73,7 @@ class Config:
         if self.dense_student:
             return Sparsity(backend=self.backend)
         return Sparsity(keep=self.keep, merge=self.merge, cube=CUBES[self.cube], dense_steps=self.dense_steps,
-                        backend=self.backend)
+                        backend=self.backend, pack_edges=self.tiling == "packed")
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         width = self.width or self.size
@@ -89,7 +90,7 @@ class Config:
 
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
-        keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "dense_steps", "dense_student", "cfg",
+        keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "tiling", "dense_steps", "dense_student", "cfg",
                 "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
         return {k: getattr(self, k) for k in keys}
 
@@ -102,6 +103,7 @@ HELP = {
     "schedule": "few-step schedule trained and sampled with (a USV DMD Sigmas preset, or custom)",
     "keep": "VSA keep ratio of the student's forward (USV Sparse Attention's keep)",
     "merge": "token-merging ratio of the student's forward (USV Token Merge's ratio)",
+    "tiling": "blocks sparse attention selects among: packed (edge cubes joined into full blocks) or cubes",
     "dense_steps": "schedule steps that run dense (set the nodes' dense_steps to the same)",
     "dense_student": "distil a dense student (sparsify it only at inference): the comparison",
     "backend": "vsa_attention backend: auto (Triton on CUDA), triton, reference",
@@ -144,6 +146,8 @@ def from_args(argv=None) -> Config:
     cfg = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
     if cfg.cube not in CUBES:
         raise SystemExit(f"--cube must be one of {', '.join(CUBES)}, got {cfg.cube!r}")
+    if cfg.tiling not in ("packed", "cubes"):
+        raise SystemExit(f"--tiling must be packed or cubes, got {cfg.tiling!r}")
     if cfg.schedule not in dmd.PRESET_NAMES:
         raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
     if cfg.tiny:

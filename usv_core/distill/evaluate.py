@@ -56,6 +56,8 @@ def score(argv=None) -> dict:
     p.add_argument("--merge", type=float, default=0.0)
     p.add_argument("--cube", default="4x4x4", choices=list(CUBES))
     p.add_argument("--dense-steps", type=int, default=0)
+    p.add_argument("--tiling", default="packed", choices=("packed", "cubes"),
+                   help="blocks sparse attention selects among: packed edge cubes (the default) or one per cube")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=256)
@@ -68,7 +70,8 @@ def score(argv=None) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = wan_from_state(read_wan_state(a.student), cls=SparseWanDiT).to(dev).eval()
     text, vae = load_text(default_path(TEXT_FILE), device=dev), load_vae(default_path(VAE_FILE), device=dev)
-    sparsity = Sparsity(keep=a.keep, merge=a.merge, cube=CUBES[a.cube], dense_steps=a.dense_steps)
+    sparsity = Sparsity(keep=a.keep, merge=a.merge, cube=CUBES[a.cube], dense_steps=a.dense_steps,
+                        pack_edges=a.tiling == "packed")
     prompts = ev.held_out_prompts(a.prompts)
     t0 = time.time()
     if a.teacher_steps:
@@ -79,6 +82,7 @@ def score(argv=None) -> dict:
         videos = generate(student, text, vae, prompts, dev, dmd.preset_sigmas(a.schedule), sparsity,
                           frames=a.frames, size=a.size, batch=a.batch)
     result = {"student": a.student, "schedule": a.schedule, "keep": a.keep, "merge": a.merge, "dense_steps": a.dense_steps,
+              "tiling": a.tiling,
               "prompts": len(prompts), "seconds": time.time() - t0, **ev.summarise(videos, prompts)}
     print(f"world score {result['world_score']:.3f} +- {result['world_score_se']:.3f} over {len(prompts)} prompts "
           f"({a.schedule}, keep {a.keep:g}, merge {a.merge:g})")

@@ -74,8 +74,10 @@ class Trainer:
 
     def _resume(self) -> None:
         info = checkpoint.read_info(self.cfg.ckpt)
-        if info.get("recipe") != self.cfg.recipe():
-            changed = sorted(k for k in self.cfg.recipe() if info.get("recipe", {}).get(k) != self.cfg.recipe()[k])
+        # runs from before the tiling setting attended over one block per cube
+        stored = {"tiling": "cubes", **info.get("recipe", {})}
+        if stored != self.cfg.recipe():
+            changed = sorted(k for k in self.cfg.recipe() if stored.get(k) != self.cfg.recipe()[k])
             raise SystemExit(f"{self.cfg.ckpt} was written with other settings ({', '.join(changed)}); "
                              "run with the same settings to resume, or give a fresh --out")
         modules, opts = self._modules()

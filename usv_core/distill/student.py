@@ -29,7 +29,7 @@ class Sparsity:
     dense_steps: sampling steps (indices into the few-step schedule) that run dense;
     dense_blocks: blocks whose attention stays dense; merge_blocks: blocks that merge (None: all
     but the first and the last, the USV Token Merge default); metric: what tokens are paired by
-    (the node's default, 'keys'); backend: vsa_attention's ('auto' = Triton on CUDA)."""
+    (the node's default, 'keys'); backend and pack_edges: vsa_attention's ('auto' = Triton on CUDA)."""
 
     keep: float = 1.0
     merge: float = 0.0
@@ -39,6 +39,7 @@ class Sparsity:
     merge_blocks: frozenset | None = None
     metric: str = "keys"
     backend: str = "auto"
+    pack_edges: bool = True  # vsa_attention's: partial edge cubes packed into full blocks
 
     def __post_init__(self):
         if not 0.0 < self.keep <= 1.0:
@@ -125,7 +126,8 @@ class SparseBlock(Block):
             if plan is not None and not plan.is_identity:
                 y = vsa_attention_blocked(q, k, v, plan.block_sizes_host, sp.keep, backend=sp.backend)
             else:
-                y = vsa_attention(q, k, v, ctx.grid, sp.keep, cube=sp.cube, backend=sp.backend)
+                y = vsa_attention(q, k, v, ctx.grid, sp.keep, cube=sp.cube, backend=sp.backend,
+                                  pack_edges=sp.pack_edges)
             ctx.stats["sparse_calls"] = ctx.stats.get("sparse_calls", 0) + 1
         return sa.o(y.transpose(1, 2).reshape(b, n, -1).to(x.dtype))
 
