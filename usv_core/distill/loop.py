@@ -74,7 +74,7 @@ class Trainer:
 
     def _resume(self) -> None:
         info = checkpoint.read_info(self.cfg.ckpt)
-        # runs from before the tiling setting attended over one block per cube
+        # runs from before the tiling setting attended over one block per cube, today's default
         stored = {"tiling": "cubes", **info.get("recipe", {})}
         if stored != self.cfg.recipe():
             changed = sorted(k for k in self.cfg.recipe() if stored.get(k) != self.cfg.recipe()[k])
