@@ -191,7 +191,7 @@ def bench_shape(key, args, results, checks):
         t_tr = timeit(lambda: ops.transpose_lists(idx, cnt, C))
         ops._SCORE_PRECISION = "ieee"
         t_sel_ieee = timeit(sel)
-        ops._SCORE_PRECISION = "tf32x3"
+        ops._SCORE_PRECISION = None
         record(results, tag, f"usv_vsa keep={keep}", keep=keep, kept_blocks=kmax, num_blocks=C,
                fwd_ms=t_all, fwd_stats_ms=t_stats, select_ms=t_sel, select_ieee_scores_ms=t_sel_ieee, fine_ms=t_fine,
                bwd_ms=t_fb - t_all, bwd_kernels_ms=t_bwd_k, transpose_lists_ms=t_tr,

@@ -65,12 +65,18 @@ def test_per_head_keep_and_selection_lists_match_reference():
     lay = tl.layout
     q, k, v = (rand(1, 3, math.prod(grid), 64) for _ in range(3))
     counts = torch.tensor([[1, 4, 12]], dtype=torch.int32, device=DEV)
-    idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), 12, lay.block, True,
-                                0.125, False, False)
     ridx, rcnt = select_blocks(coarse_scores(q, k, lay, 0.125), counts)
-    assert torch.equal(cnt, rcnt)
-    for h, n in enumerate((1, 4, 12)):
-        assert torch.equal(idx[0, h, :, :n], ridx[0, h, :, :n])
+    # both score paths: tf32x3 on tensor cores (Ampere and newer) and IEEE float32 (older cards)
+    for precision in ("tf32x3", "ieee"):
+        ops._SCORE_PRECISION = precision
+        try:
+            idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), 12, lay.block,
+                                        True, 0.125, False, False)
+        finally:
+            ops._SCORE_PRECISION = None
+        assert torch.equal(cnt, rcnt)
+        for h, n in enumerate((1, 4, 12)):
+            assert torch.equal(idx[0, h, :, :n], ridx[0, h, :, :n]), precision
     keep = torch.tensor([1 / 12, 4 / 12, 1.0], device=DEV)
     saved = dict(ops._FWD_CONFIG)
     try:

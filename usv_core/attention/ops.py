@@ -23,7 +23,7 @@ MAX_SELECT_BLOCKS = 4096
 
 _FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H200 sweep: bench/attention.md
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
-_SCORE_PRECISION = "tf32x3"  # see triton_scores; "ieee" is the FMA-unit path
+_SCORE_PRECISION = None  # None: by device (_score_precision); the benchmark sets "ieee" or "tf32x3"
 
 
 # Tests set this: kernel outputs then start as NaN (floats) or -7 (ints) instead of uninitialised
@@ -114,7 +114,7 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
     ent = _new((B, H, C) if with_stats else (0,), torch.float32, dev)
     scores = _new((B, H, C, C), torch.float32, dev)
     scores_mod.scores_kernel[(_cdiv(C, 64), _cdiv(C, 64), B * H)](
-        qc, kc, scores, C, scale, HEAD_DIM=D, BM=64, BN=64, BK=32, PRECISION=_SCORE_PRECISION, num_warps=4,
+        qc, kc, scores, C, scale, HEAD_DIM=D, BM=64, BN=64, BK=32, PRECISION=_score_precision(dev), num_warps=4,
     )
     cpad = max(32, _next_pow2(C))
     if cpad > MAX_SELECT_BLOCKS:
@@ -137,6 +137,16 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
         num_warps=max(1, cpad // 1024),
     )
     return idx, cnt, coarse, ent
+
+
+def _score_precision(device) -> str:
+    """tf32x3 on tensor cores that have tf32 (Ampere and newer); IEEE float32 on the FMA units
+    before that and in the interpreter."""
+    if _SCORE_PRECISION is not None:
+        return _SCORE_PRECISION
+    if device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 def _next_pow2(n):

@@ -4,7 +4,8 @@ A plain tiled GEMM over the pooled cubes on the tensor cores with input_precisio
 each operand is split into a tf32 high part and a tf32 remainder and three products are summed,
 which keeps float32 accuracy (the top-k that follows must agree with the float32 reference
 wherever the choice is not a near-tie; plain tf32 would not) at several times the rate of the
-FMA units' IEEE path.
+FMA units' IEEE path. Cards before Ampere have no tf32 and take the IEEE path (ops chooses by
+compute capability).
 """
 
 import triton
