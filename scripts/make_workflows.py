@@ -37,8 +37,8 @@ STUDENT_NOTES = """## USV World student: 3 steps, sparse attention, no CFG
 
 The pack's few-step student of its USV World teacher, distilled with sparse DMD2 (usv_core.distill)
 with USV Sparse Attention at keep 0.2 on every step of fastwan-3step: keep 0.2, dense_steps 0 and
-blocks "cubes" are the settings it was trained at (on packed blocks it scores 0.378 instead). USV DMD Sigmas and USV DMD Sampler run the 3 steps; BasicGuider
-means no CFG (one forward per step). World score on 64 held-out prompts at 17 frames (bench/world.md):
+blocks "cubes" are the settings it was trained at (on packed blocks it scores 0.378 instead). USV
+DMD Sigmas and USV DMD Sampler run the 3 steps; BasicGuider means no CFG (one forward per step). World score on 64 held-out prompts at 17 frames (bench/world.md):
 0.416 +- 0.042, against 0.666 +- 0.043 for the dense teacher at 50 steps with CFG 5 (100 forwards);
 the same 3 steps on the undistilled teacher score 0.025. Token merging costs this small model more
 than it saves: leave it out here."""

@@ -56,8 +56,8 @@ def score(argv=None) -> dict:
     p.add_argument("--merge", type=float, default=0.0)
     p.add_argument("--cube", default="4x4x4", choices=list(CUBES))
     p.add_argument("--dense-steps", type=int, default=0)
-    p.add_argument("--tiling", default="packed", choices=("packed", "cubes"),
-                   help="blocks sparse attention selects among: packed edge cubes (the default) or one per cube")
+    p.add_argument("--tiling", default="cubes", choices=("packed", "cubes"),
+                   help="blocks sparse attention selects among: one per cube (distillation's default) or packed edge cubes")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=256)

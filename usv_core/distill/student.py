@@ -39,7 +39,7 @@ class Sparsity:
     merge_blocks: frozenset | None = None
     metric: str = "keys"
     backend: str = "auto"
-    pack_edges: bool = True  # vsa_attention's: partial edge cubes packed into full blocks
+    pack_edges: bool = False  # vsa_attention's; students are distilled on one block per cube by default
 
     def __post_init__(self):
         if not 0.0 < self.keep <= 1.0:
