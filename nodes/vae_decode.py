@@ -1,7 +1,7 @@
 """USV VAE Decode: VAEDecode for the Wan 2.1 VAE (also Wan 2.2 A14B's) with usv_core.vae's
-exact fast decode on the GPU. Anything it cannot serve (another VAE, no CUDA, weights not all on
-the GPU, too little free memory) goes to ComfyUI's own decode, which tiles when memory runs out,
-and the log says once why."""
+exact fast decode on the GPU, and on the CPU the whole clip at once where it fits in memory.
+Anything it cannot serve (another VAE, weights not all on the GPU, too little free memory) goes to
+ComfyUI's own decode, which tiles when memory runs out, and the log says once why."""
 
 from __future__ import annotations
 
@@ -39,9 +39,41 @@ def why_not(vae, latent: torch.Tensor) -> str | None:
         return f"latent of shape {tuple(latent.shape)} is not a Wan video latent (batch, 16, frames, h, w)"
     if getattr(vae, "output_channels", 3) != 3 or getattr(vae, "conv_out_channels", 3) != 3:
         return "the VAE does not decode to 3 channels"
-    if torch.device(vae.device).type != "cuda":
-        return "no CUDA device (the fast decode is for the GPU)"
+    if torch.device(vae.device).type not in ("cuda", "cpu"):
+        return f"the VAE is on {torch.device(vae.device).type} (the fast decodes are for CUDA and the CPU)"
     return None
+
+
+def _to_output(vae, raw: torch.Tensor) -> torch.Tensor:
+    out_dtype = vae.vae_output_dtype() if hasattr(vae, "vae_output_dtype") else torch.float32
+    return raw.to(device=vae.output_device, dtype=out_dtype)
+
+
+def _images(vae, raw: torch.Tensor) -> torch.Tensor:
+    """The raw decode (B, T', H, W, C) in [-1, 1] on the output device -> what VAEDecode returns,
+    (frames, H, W, 3) in [0, 1]."""
+    images = vae.process_output(raw)
+    return images.reshape(-1, *images.shape[-3:])
+
+
+def decode_cpu(vae, latent: torch.Tensor) -> torch.Tensor | None:
+    """On the CPU: the whole clip at once (usv_core.vae.whole_clip), ComfyUI's numbers in a few
+    large convolutions; None (after one log line) when it would not fit in free memory."""
+    import comfy.model_management as mm
+
+    dtype = vae.vae_dtype
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode(latent.shape, dtype))
+    sd = vae.first_stage_model.state_dict()
+    reason = core.why_not(sd)
+    if reason:
+        _say_once(reason)
+        return None
+    need = core.whole_clip_bytes(sd, latent.shape, torch.tensor([], dtype=dtype).element_size())
+    free = mm.get_free_memory(torch.device("cpu"))
+    if need > free // 2:
+        _say_once(f"on the CPU the whole clip would need about {need / 2**30:.1f} GB ({free / 2**30:.1f} GB free)")
+        return None
+    return _images(vae, _to_output(vae, core.decode_whole_clip(sd, latent.to(device="cpu", dtype=dtype))))
 
 
 def decode_usv(vae, latent: torch.Tensor) -> torch.Tensor | None:
@@ -76,11 +108,9 @@ def decode_usv(vae, latent: torch.Tensor) -> torch.Tensor | None:
         mm.soft_empty_cache()
         _say_once("ran out of memory")
         return None
-    out_dtype = vae.vae_output_dtype() if hasattr(vae, "vae_output_dtype") else torch.float32
-    images = raw.to(device=vae.output_device, dtype=out_dtype)
-    del raw
-    images = vae.process_output(images)
-    return images.reshape(-1, *images.shape[-3:])
+    images = _to_output(vae, raw)
+    del raw  # the GPU copy, before process_output allocates on the output device
+    return _images(vae, images)
 
 
 def comfy_decode(vae, latent: torch.Tensor) -> torch.Tensor:
@@ -99,9 +129,10 @@ class USVVAEDecode(io.ComfyNode):
             display_name="USV VAE Decode",
             category="USV",
             description=(
-                "VAE Decode, faster on the GPU for the Wan 2.1 VAE (Wan 2.1 and Wan 2.2 14B): the same decode up to "
-                "bf16 rounding, in channels-last memory with fused norm kernels. Other VAEs, the CPU, and cards "
-                "with too little free memory run ComfyUI's own VAE Decode (tiled when memory runs out)."),
+                "VAE Decode, faster for the Wan 2.1 VAE (Wan 2.1 and Wan 2.2 14B): on the GPU the same decode up to "
+                "bf16 rounding, in channels-last memory with fused norm kernels; on the CPU the whole clip at once "
+                "where it fits in memory. Other VAEs and too little free memory run ComfyUI's own VAE Decode "
+                "(tiled when memory runs out)."),
             inputs=[
                 io.Latent.Input("samples", tooltip="The latent to decode."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes it."),
@@ -115,7 +146,8 @@ class USVVAEDecode(io.ComfyNode):
         reason = why_not(vae, latent)
         images = None
         if reason is None:
-            images = decode_usv(vae, latent)
+            cuda = torch.device(vae.device).type == "cuda"
+            images = decode_usv(vae, latent) if cuda else decode_cpu(vae, latent)
         else:
             _say_once(reason)
         if images is None:

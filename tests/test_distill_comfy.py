@@ -79,7 +79,8 @@ def inputs():
 
 def usv(comfy, model, dense_steps=0):
     nodes = comfy.NODE_CLASS_MAPPINGS
-    model = nodes["USVSparseAttention"]().execute(model, KEEP, dense_steps, "", "4x4x4").result[0]
+    # students are distilled on one block per cube (the distill default): the node is told so
+    model = nodes["USVSparseAttention"]().execute(model, KEEP, dense_steps, "", "4x4x4", blocks="cubes").result[0]
     return nodes["USVTokenMerge"]().execute(model, MERGE, dense_steps, "", "keys").result[0]
 
 

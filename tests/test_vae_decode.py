@@ -106,11 +106,28 @@ def test_fused_kernel_path_through_the_whole_decoder(wan_vae):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_node_on_the_cpu_runs_comfyuis_decode_and_says_so_once(run_workflow, tiny_vae, wan_vae, caplog):
+@pytest.mark.parametrize("frames,h,w", ODD)
+def test_node_on_the_cpu_decodes_the_whole_clip_as_vaedecode(run_workflow, tiny_vae, frames, h, w, caplog):
+    from harness import runtime
+
+    node = runtime.pack_module("nodes.vae_decode")
+    node._said.clear()
+    z = torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(frames))
+    want = vae_decode(run_workflow, tiny_vae, z)
+    with caplog.at_level(logging.WARNING, logger="usv"):
+        got = vae_decode(run_workflow, tiny_vae, z, node="USVVAEDecode")
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got - want).abs().max() <= 1e-4  # float32: the same numbers up to summation order
+    assert not [r for r in caplog.records if "USV VAE Decode" in r.getMessage()]  # nothing to say
+
+
+def test_node_on_the_cpu_runs_comfyuis_decode_when_the_clip_does_not_fit(run_workflow, tiny_vae, wan_vae, caplog,
+                                                                        monkeypatch):
     from harness import runtime
 
     node = runtime.pack_module("nodes.vae_decode")
     node._said.clear()  # once per process and reason: forget what earlier tests made it say
+    monkeypatch.setattr(node.core, "whole_clip_bytes", lambda *a: 2**50)
     z = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(2))
     want = vae_decode(run_workflow, tiny_vae, z)
     with caplog.at_level(logging.WARNING, logger="usv"):
@@ -118,8 +135,8 @@ def test_node_on_the_cpu_runs_comfyuis_decode_and_says_so_once(run_workflow, tin
         again = vae_decode(run_workflow, tiny_vae, z, node="USVVAEDecode")
     assert torch.equal(got, want) and torch.equal(again, want)
     said = [r.getMessage() for r in caplog.records if "USV VAE Decode" in r.getMessage()]
-    assert len(said) == 1 and "no CUDA device" in said[0] and "ComfyUI's own VAE decode runs" in said[0]
-    assert "no CUDA device" in node.why_not(wan_vae, z)
+    assert len(said) == 1 and "whole clip would need" in said[0] and "ComfyUI's own VAE decode runs" in said[0]
+    assert node.why_not(wan_vae, z) is None
 
 
 def test_what_it_refuses_is_named(wan_vae):

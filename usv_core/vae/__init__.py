@@ -1,12 +1,14 @@
 """Exact fast decode of the Wan 2.1 VAE (also Wan 2.2 A14B's): channels-last, causal caches
 written in place, RMS norm + bias + SiLU fused in Triton. Never imports comfy: it takes the VAE's
-state dict (ComfyUI's key names) and the latent."""
+state dict (ComfyUI's key names) and the latent. On the CPU, whole_clip decodes the clip at once."""
 
 from .decode import decode
 from .norm import rms_norm
 from .weights import Decoder, load, why_not
+from .whole_clip import decode_whole_clip, whole_clip_bytes
 
-__all__ = ["Decoder", "decode", "load", "memory_estimate", "rms_norm", "why_not"]
+__all__ = ["Decoder", "decode", "decode_whole_clip", "load", "memory_estimate", "rms_norm", "whole_clip_bytes",
+           "why_not"]
 
 
 def memory_estimate(dec: Decoder, latent_shape, dtype_size: int) -> int:
