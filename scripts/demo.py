@@ -118,7 +118,8 @@ def teacher_graph(args, nodes, unet: str, vae: str, world: bool) -> dict:
         "model": model, "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "sampler_name": "euler",
         "scheduler": "simple", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
         "denoise": 1.0}}
-    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}}
+    decode = "USVVAEDecode" if "USVVAEDecode" in nodes.NODE_CLASS_MAPPINGS else "VAEDecode"
+    g["decode"] = {"class_type": decode, "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}}
     g["video"] = {"class_type": "CreateVideo", "inputs": {"images": ["decode", 0], "fps": 16.0}}
     g["save"] = {"class_type": "SaveVideo",
                  "inputs": {"video": ["video", 0], "filename_prefix": "usv_demo", "format": "mp4", "codec": "h264"}}

@@ -30,7 +30,7 @@ converted to ComfyUI's layout), text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safeten
 vae/wan_2.1_vae.safetensors. FastWan was distilled with VSA at 80% sparsity: keep 0.2 on every
 step, and gate_weights names the same checkpoint so that its to_gate_compress weights drive the
 coarse branch. USV DMD Sigmas (fastwan-3step) and USV DMD Sampler do the 3 steps, no CFG. USV VAE
-Decode is ComfyUI's VAE Decode up to bf16 rounding, faster on the GPU (elsewhere it runs ComfyUI's)."""
+Decode is ComfyUI's VAE Decode up to bf16 rounding, faster on the GPU (on the CPU the whole clip at once)."""
 
 
 STUDENT_NOTES = """## USV World student: 3 steps, sparse attention, no CFG
@@ -67,7 +67,7 @@ def world_prompt() -> dict:
             "model": ["merge", 0], "seed": 0, "steps": 50, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
             "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "usv_world_vae.safetensors"}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
+        "decode": {"class_type": "USVVAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "video": {"class_type": "CreateVideo", "inputs": {"images": ["decode", 0], "fps": 16.0}},
         "save": {"class_type": "SaveVideo", "inputs": {"video": ["video", 0], "filename_prefix": "usv_world",
                                                        "format": "auto", "codec": "auto"}},
@@ -162,7 +162,7 @@ def wan22_prompt() -> dict:
         "report_high": {"class_type": "USVReport", "inputs": {"model": ["usv_high", 0], "latent": ["sample_high", 0]}},
         "report_low": {"class_type": "USVReport", "inputs": {"model": ["usv_low", 0], "latent": ["sample_low", 0]}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample_low", 0], "vae": ["vae", 0]}},
+        "decode": {"class_type": "USVVAEDecode", "inputs": {"samples": ["sample_low", 0], "vae": ["vae", 0]}},
         "video": {"class_type": "CreateVideo", "inputs": {"images": ["decode", 0], "fps": 16.0}},
         "save": {"class_type": "SaveVideo", "inputs": {"video": ["video", 0], "filename_prefix": "video/wan22_usv",
                                                        "format": "auto", "codec": "auto"}},
