@@ -128,16 +128,8 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
     blk = next_block(vol)
     padded = torch.full((num_cubes, blk), -1, dtype=torch.int64)
     padded[:, :vol] = table
-    layout = BlockLayout(
-        num_tokens=n,
-        num_blocks=num_cubes,
-        block=blk,
-        max_block_size=int(sizes.max()),
-        token_table=padded.to(torch.int32).to(device),
-        block_sizes=sizes.to(torch.int32).to(device),
-        block_of_token=block_of_token.to(device),
-    )
-    packed = _pack_edges(table, valid, sizes, ci // nw, vol, blk, n, device)
+    layout = _host_layout(padded, sizes, block_of_token, device)
+    packed = _pack_edges(perm, sizes, ci // nw, vol, blk, n, device)
     return CubeTiling(
         grid=(T, H, W),
         cube=(ct, ch, cw),
@@ -153,11 +145,25 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
     )
 
 
-def _pack_edges(table, valid, sizes, row, vol, blk, n, device) -> BlockLayout:
+def _host_layout(table, sizes, block_of_token, device) -> BlockLayout:
+    """A BlockLayout from host-built int64 tensors, moved to `device`."""
+    return BlockLayout(
+        num_tokens=block_of_token.numel(),
+        num_blocks=sizes.numel(),
+        block=table.shape[1],
+        max_block_size=int(sizes.max()),
+        token_table=table.to(torch.int32).to(device),
+        block_sizes=sizes.to(torch.int32).to(device),
+        block_of_token=block_of_token.to(device),
+    )
+
+
+def _pack_edges(perm, sizes, row, vol, blk, n, device) -> BlockLayout:
     """Join runs of consecutive partial cubes of one cube row (same t and h cube) into blocks of
-    at most `vol` tokens, greedily from the row's start."""
+    at most `vol` tokens, greedily from the row's start. perm: the raster index of every token in
+    compact cube order, which the joined blocks keep."""
     group, g, fill, last_row = [], -1, vol, -1
-    for c, (s, r) in enumerate(zip(sizes.tolist(), row.tolist())):
+    for s, r in zip(sizes.tolist(), row.tolist()):
         if s == vol or r != last_row or fill + s > vol:
             g, fill = g + 1, 0
         group.append(g)
@@ -167,23 +173,14 @@ def _pack_edges(table, valid, sizes, row, vol, blk, n, device) -> BlockLayout:
     nb = g + 1
     psizes = torch.zeros(nb, dtype=torch.int64).index_add_(0, group, sizes)
     # the real slots of each group's cubes, in cube order, then padded to the tile width
-    tok = table[valid]
     tok_group = torch.repeat_interleave(group, sizes)
     starts = torch.cumsum(psizes, 0) - psizes
-    slot = torch.arange(tok.numel()) - starts[tok_group]
+    slot = torch.arange(n) - starts[tok_group]
     ptable = torch.full((nb, blk), -1, dtype=torch.int64)
-    ptable[tok_group, slot] = tok
+    ptable[tok_group, slot] = perm
     block_of_token = torch.empty(n, dtype=torch.int64)
-    block_of_token[tok] = tok_group
-    return BlockLayout(
-        num_tokens=n,
-        num_blocks=nb,
-        block=blk,
-        max_block_size=int(psizes.max()),
-        token_table=ptable.to(torch.int32).to(device),
-        block_sizes=psizes.to(torch.int32).to(device),
-        block_of_token=block_of_token.to(device),
-    )
+    block_of_token[perm] = tok_group
+    return _host_layout(ptable, psizes, block_of_token, device)
 
 
 def cube_tiling(grid, cube=(4, 4, 4), device="cpu") -> CubeTiling:

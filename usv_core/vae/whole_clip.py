@@ -19,8 +19,9 @@ def decoder_from_state(sd: dict) -> WanVAE:
     """Our WanVAE over the decoder weights of a Wan 2.1 VAE state dict (ComfyUI's key names); the
     tensors are shared, not copied, and nothing in `sd` changes."""
     dim = int(sd["decoder.head.0.gamma"].shape[0])
-    vae = WanVAE(dim=dim)
-    del vae.encoder, vae.conv1  # decode only: the encoder's weights are not needed
+    with torch.device("meta"):  # no weights are made: the state dict's tensors are assigned below
+        vae = WanVAE(dim=dim)
+    del vae.encoder, vae.conv1  # decode only
     keys = {k: v for k, v in sd.items() if k.startswith(("decoder.", "conv2."))}
     vae.load_state_dict(keys, strict=True, assign=True)
     return vae.eval()
