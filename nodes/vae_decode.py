@@ -16,9 +16,11 @@ log = logging.getLogger("usv")
 _said: set[str] = set()
 
 
-def _say_once(reason: str) -> None:
-    if reason not in _said:
-        _said.add(reason)
+def _say_once(reason: str, kind: str | None = None) -> None:
+    """Once per kind of reason: a reason that quotes free memory reads differently on every call."""
+    kind = kind or reason
+    if kind not in _said:
+        _said.add(kind)
         log.warning("USV VAE Decode: %s; ComfyUI's own VAE decode runs (tiled if memory runs out)", reason)
 
 
@@ -71,7 +73,8 @@ def decode_cpu(vae, latent: torch.Tensor) -> torch.Tensor | None:
     need = core.whole_clip_bytes(sd, latent.shape, torch.tensor([], dtype=dtype).element_size())
     free = mm.get_free_memory(torch.device("cpu"))
     if need > free // 2:
-        _say_once(f"on the CPU the whole clip would need about {need / 2**30:.1f} GB ({free / 2**30:.1f} GB free)")
+        _say_once(f"on the CPU the whole clip would need about {need / 2**30:.1f} GB ({free / 2**30:.1f} GB free)",
+                  kind="cpu memory")
         return None
     return _images(vae, _to_output(vae, core.decode_whole_clip(sd, latent.to(device="cpu", dtype=dtype))))
 
@@ -97,7 +100,8 @@ def decode_usv(vae, latent: torch.Tensor) -> torch.Tensor | None:
     need = core.memory_estimate(dec, latent.shape, torch.tensor([], dtype=dtype).element_size())
     free = mm.get_free_memory(device)
     if free < need:
-        _say_once(f"too little free memory (about {need / 2**30:.1f} GB needed, {free / 2**30:.1f} GB free)")
+        _say_once(f"too little free memory (about {need / 2**30:.1f} GB needed, {free / 2**30:.1f} GB free)",
+                  kind="gpu memory")
         return None
     try:
         raw = core.decode(dec, latent.to(device=device, dtype=dtype))
