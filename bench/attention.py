@@ -172,17 +172,21 @@ def bench_shape(key, args, results, checks):
         counts, kmax = _keep_counts(keep, B, H, C, DEV)
         cnt_flat = counts.view(-1)
 
+        kv = ops.kv_source(DEV)
+        rows = kv != "table"  # the fine stage then reads the block-ordered copies selection writes
+
         def sel():
             return ops.select(q, k, v, lay.token_table, lay.block_sizes, cnt_flat, kmax, lay.block, True, scale,
-                              False, False)
+                              False, False, rows)
 
-        idx, cnt, _, _ = sel()
+        idx, cnt, _, _, k_rows, v_rows = sel()
+        kv_rows = (k_rows, v_rows) if rows else None
         useful, tiles = sparse_flops(lay, (idx, cnt), D)
         t_all = timeit(lambda: vsa_attention(q, k, v, grid, keep))
         t_stats = timeit(lambda: vsa_attention(q, k, v, grid, keep, return_stats=True))
         t_sel = timeit(sel)
         t_fine = timeit(lambda: ops.attend(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True,
-                                           scale))
+                                           scale, kv_rows))
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         t_fb = timeit(fwd_bwd(lambda: vsa_attention(qg, kg, vg, grid, keep), qg, kg, vg, dout))
         o, lse = torch.ops.usv.bsa_fwd(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True, scale)
@@ -192,7 +196,7 @@ def bench_shape(key, args, results, checks):
         ops._SCORE_PRECISION = "ieee"
         t_sel_ieee = timeit(sel)
         ops._SCORE_PRECISION = None
-        record(results, tag, f"usv_vsa keep={keep}", keep=keep, kept_blocks=kmax, num_blocks=C,
+        record(results, tag, f"usv_vsa keep={keep}", keep=keep, kept_blocks=kmax, num_blocks=C, kv_source=kv,
                fwd_ms=t_all, fwd_stats_ms=t_stats, select_ms=t_sel, select_ieee_scores_ms=t_sel_ieee, fine_ms=t_fine,
                bwd_ms=t_fb - t_all, bwd_kernels_ms=t_bwd_k, transpose_lists_ms=t_tr,
                bwd_over_fwd=(t_fb - t_all) / t_all,
@@ -204,7 +208,7 @@ def bench_shape(key, args, results, checks):
         t_cubes = timeit(lambda: vsa_attention(q, k, v, grid, keep, pack_edges=False))
         record(results, tag, f"usv_vsa cubes keep={keep}", keep=keep, fwd_ms=t_cubes,
                num_blocks=tiling.num_cubes)
-        del o, lse, qg, kg, vg
+        del o, lse, qg, kg, vg, k_rows, v_rows, kv_rows
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ where the time goes (keep 0.125)
@@ -285,8 +289,8 @@ def bench_shape(key, args, results, checks):
         qp, kp, vp = pad(q), pad(k), pad(v)
         for keep in KEEPS:
             counts, kmax = _keep_counts(keep, B, H, C, DEV)
-            idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block,
-                                        True, scale, False, False)
+            idx, cnt, *_ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block,
+                                      True, scale, False, False)
             run, output = make_runner(qp, kp, vp, idx, cnt, block=lay.block, block_sizes=lay.block_sizes)
             t = timeit(run)
             fine = lambda: ops.attend(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True, scale)  # noqa: E731
@@ -329,8 +333,8 @@ def sweep(results):
     dout = torch.randn_like(q)
     lay = cube_tiling(grid, device=DEV).packed
     counts, kmax = _keep_counts(0.125, 1, H, lay.num_blocks, DEV)
-    idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block, True,
-                                D ** -0.5, False, False)
+    idx, cnt, *_ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), kmax, lay.block, True,
+                              D ** -0.5, False, False)
     best = {}
     # (warps, stages, KB); KB 0: a backward config
     fwd_cfgs = [(4, 2, 1), (4, 3, 1), (4, 2, 2), (8, 2, 2)]
@@ -359,6 +363,25 @@ def sweep(results):
         if times:
             best[kind] = min(times.values(), key=lambda tc: tc[0])[1]
             ops.set_kernel_config(**{kind: best[kind]})
+    # Where the forward reads key tiles: gathered through the token table, or from the block-ordered
+    # copies the pooling pass writes (plain loads, or TMA through tensor descriptors). Timed whole,
+    # selection included, since the copies move work into it.
+    times = {}
+    table_fwd = dict(ops._FWD_CONFIG)
+    for kv, w, s in [("table", table_fwd["num_warps"], table_fwd["num_stages"]),
+                     ("rows", 4, 2), ("rows", 4, 3), ("tma", 4, 2), ("tma", 4, 3), ("tma", 4, 4), ("tma", 8, 3)]:
+        c = dict(table_fwd, num_warps=w, num_stages=s)
+        ops.set_kernel_config(fwd=c, kv=kv)
+        try:
+            t = timeit(lambda: vsa_attention(q, k, v, grid, 0.125))
+        except Exception as e:
+            print(f"sweep kv={kv} {c}: {type(e).__name__} {str(e)[:200]}", flush=True)
+            continue
+        times[(kv, w, s)] = (t, kv, c)
+        record(results, "sweep", f"fwd kv={kv} warps={w} stages={s}", ms=t)
+    _, kv, c = min(times.values(), key=lambda x: x[0])
+    ops.set_kernel_config(fwd=c, kv=kv)
+    best["fwd"], best["kv"] = c, kv
     print("sweep best:", best, flush=True)
     return best
 
@@ -394,7 +417,8 @@ def main():
         # after every shape, so a run cut short still leaves its numbers
         doc = dict(card=card, torch=torch.__version__, triton=triton.__version__, dtype="bfloat16",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   kernel_config=dict(fwd=dict(ops._FWD_CONFIG), bwd=dict(ops._BWD_CONFIG)), sweep_best=best,
+                   kernel_config=dict(fwd=dict(ops._FWD_CONFIG), bwd=dict(ops._BWD_CONFIG), kv=ops._FWD_KV),
+                   sweep_best=best,
                    checks=checks, results=results)
         for d in filter(None, [os.path.join(ROOT, "bench", "results") if not args.smoke else "", args.out]):
             os.makedirs(d, exist_ok=True)

@@ -70,8 +70,8 @@ def test_per_head_keep_and_selection_lists_match_reference():
     for precision in ("tf32x3", "ieee"):
         ops._SCORE_PRECISION = precision
         try:
-            idx, cnt, _, _ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), 12, lay.block,
-                                        True, 0.125, False, False)
+            idx, cnt, *_ = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts.view(-1), 12, lay.block,
+                                      True, 0.125, False, False)
         finally:
             ops._SCORE_PRECISION = None
         assert torch.equal(cnt, rcnt)
@@ -91,6 +91,46 @@ def test_per_head_keep_and_selection_lists_match_reference():
     finally:
         ops._FWD_CONFIG.clear()
         ops._FWD_CONFIG.update(saved)
+
+
+@pytest.fixture
+def kv_source(request):
+    saved = ops._FWD_KV
+    ops.set_kernel_config(kv=request.param)
+    yield request.param
+    ops._FWD_KV = saved
+
+
+@pytest.mark.parametrize("kv_source", ["table", "rows", "tma"], indirect=True)
+@pytest.mark.parametrize("pack_edges", [True, False])
+def test_every_key_tile_source_matches_the_reference(kv_source, pack_edges):
+    """The forward reads key tiles through the token table, or from the pooling pass's
+    block-ordered copies (plain loads, or tensor descriptors): odd grids with edge cubes along
+    every axis, per-head keep, a gate, merged block sizes."""
+    grid = (5, 7, 9)
+    N = math.prod(grid)
+    q, k, v = (rand(1, 2, N, 64) for _ in range(3))
+    gate = rand(1, 2, N, 64)
+    keep = torch.tensor([0.1, 0.6], device=DEV)
+    out, ref = both(vsa_attention, q, k, v, grid, keep, gate=gate, pack_edges=pack_edges)
+    assert rel_l2(out, ref) <= 1e-2
+    sizes = torch.tensor([64, 3, 40, 1, 64, 17, 9], device=DEV)
+    q, k, v = (rand(1, 2, int(sizes.sum()), 128, dtype=torch.float16) for _ in range(3))
+    out, ref = both(vsa_attention_blocked, q, k, v, sizes, 0.4)
+    assert rel_l2(out, ref) <= 1e-2
+
+
+def test_the_pooling_pass_writes_key_and_value_rows_in_block_order():
+    grid = (5, 7, 9)
+    lay = cube_tiling(grid, device=DEV).packed
+    q, k, v = (rand(2, 3, math.prod(grid), 64) for _ in range(3))
+    counts = torch.full((6,), 2, dtype=torch.int32, device=DEV)
+    *_, kr, vr = ops.select(q, k, v, lay.token_table, lay.block_sizes, counts, 2, lay.block, True, 0.125,
+                            False, False, True)
+    tab = lay.token_table.reshape(-1).long()
+    for src, rows in ((k, kr), (v, vr)):
+        want = src.reshape(6, -1, 64)[:, tab.clamp_min(0)] * (tab >= 0)[None, :, None]
+        assert torch.equal(rows, want.to(src.dtype))  # padding slots are zeros, not NaN
 
 
 @pytest.mark.parametrize("C,kmax", [(7, 3), (40, 17)])
@@ -191,9 +231,10 @@ def test_torch_compile_traces_the_custom_ops():
     with FakeTensorMode(allow_non_fake_inputs=True):
         fq = torch.empty(1, 1, math.prod(grid), 64, dtype=torch.bfloat16, device=DEV)
         counts = torch.ones(1, dtype=torch.int32, device=DEV)
-        idx, cnt, coarse, ent = torch.ops.usv.vsa_select(fq, fq, fq, lay.token_table, lay.block_sizes, counts, 1,
-                                                        lay.block, True, 0.1, True, True)
+        idx, cnt, coarse, ent, kr, vr = torch.ops.usv.vsa_select(fq, fq, fq, lay.token_table, lay.block_sizes,
+                                                                counts, 1, lay.block, True, 0.1, True, True, True)
         assert idx.shape == (1, 1, 2, 1) and coarse.shape == (1, 1, 2, 64) and ent.shape == (1, 1, 2)
+        assert kr.shape == vr.shape == (1, 2 * lay.block, 64) and kr.dtype == fq.dtype
         o, lse = torch.ops.usv.bsa_fwd(fq, fq, fq, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True, 0.1)
         assert o.shape == fq.shape and lse.shape == (1, 1, 64)
 
@@ -228,6 +269,16 @@ def test_gpu_wan_480p_forward(keep, pack_edges):
     (out, h), (ref, h_ref) = both(vsa_attention, q, k, v, grid, keep, return_stats=True, pack_edges=pack_edges)
     assert rel_l2(out, ref) <= 1e-2
     assert torch.allclose(h, h_ref, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_source", ["rows", "tma"], indirect=True)
+def test_gpu_wan_480p_forward_from_block_ordered_copies(kv_source):
+    grid = (21, 30, 52)
+    q, k, v = (rand(1, 12, math.prod(grid), 128) for _ in range(3))
+    keep = torch.tensor([0.05, 0.125, 0.25] * 4, device=DEV)
+    out, ref = both(vsa_attention, q, k, v, grid, keep)
+    assert rel_l2(out, ref) <= 1e-2
 
 
 @pytest.mark.gpu

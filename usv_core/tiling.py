@@ -9,8 +9,9 @@ cube tokens keep their raster order.
 Two layouts describe the same grouping:
 - compact cube order: the N real tokens grouped cube after cube, no padding (`perm`, `inv_perm`,
   `block_sizes`, `block_starts`); token merging produces sequences in this layout;
-- padded token table: (num_cubes, block) raster indices with -1 for the slots an edge cube lacks
-  (`token_table`); the kernels read raster-ordered tensors through it, so no reorder is needed.
+- padded token table: (num_cubes, block) raster indices, a block's real tokens first and -1 in
+  the slots an edge cube lacks (`token_table`); the kernels read raster-ordered tensors through
+  it, so no reorder is needed.
 
 `packed` is the block layout attention runs on by default: runs of neighbouring edge cubes along
 w (the one-frame cubes of a 4k+1-frame latent, the two-row cubes of a 30-token height) are joined
@@ -52,7 +53,8 @@ def next_block(n: int) -> int:
 class BlockLayout:
     """How a sequence of N tokens is grouped into blocks (cubes) for block-sparse attention.
 
-    token_table: (num_blocks, block) int32, the sequence index of each slot, -1 for padding.
+    token_table: (num_blocks, block) int32, the sequence index of each slot: the block's
+    block_sizes[i] real tokens fill its first slots, -1 pads the rest.
     block_sizes: (num_blocks,) int32, real tokens per block (>= 1).
     block_of_token: (N,) int64, the block each sequence position belongs to.
     """
@@ -102,8 +104,8 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
     vol = ct * ch * cw
     n = T * H * W
 
-    # The padded table: every cube slot (local t, h, w) maps to a raster index, or -1 where the
-    # slot falls outside the grid.  Built on the CPU with integer arithmetic, then moved.
+    # Every cube slot (local t, h, w) maps to a raster index, valid where it falls inside the
+    # grid. Built on the CPU with integer arithmetic, then moved.
     ci = torch.arange(num_cubes)
     cube_t, cube_h, cube_w = ci // (nh * nw), (ci // nw) % nh, ci % nw
     li = torch.arange(vol)
@@ -113,23 +115,18 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
     w = cube_w[:, None] * cw + lw[None, :]
     valid = (t < T) & (h < H) & (w < W)
     raster = (t * H + h) * W + w
-    table = torch.where(valid, raster, torch.full_like(raster, -1))
 
-    # Compact cube order keeps the valid slots in table order, which is raster order in a cube.
-    perm = table[valid]
+    # Compact cube order keeps the valid slots in slot order, which is raster order in a cube.
+    perm = raster[valid]
     sizes = valid.sum(1)
     starts = torch.zeros(num_cubes + 1, dtype=torch.int64)
     starts[1:] = torch.cumsum(sizes, 0)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(n)
-    block_of_token = torch.empty(n, dtype=torch.int64)
-    block_of_token[perm] = torch.repeat_interleave(ci, sizes)
 
     blk = next_block(vol)
-    padded = torch.full((num_cubes, blk), -1, dtype=torch.int64)
-    padded[:, :vol] = table
-    layout = _host_layout(padded, sizes, block_of_token, device)
-    packed = _pack_edges(perm, sizes, ci // nw, vol, blk, n, device)
+    layout = _grouped_layout(perm, sizes, ci, blk, device)
+    packed = _pack_edges(perm, sizes, ci // nw, vol, blk, device)
     return CubeTiling(
         grid=(T, H, W),
         cube=(ct, ch, cw),
@@ -158,7 +155,23 @@ def _host_layout(table, sizes, block_of_token, device) -> BlockLayout:
     )
 
 
-def _pack_edges(perm, sizes, row, vol, blk, n, device) -> BlockLayout:
+def _grouped_layout(perm, sizes, group, blk, device) -> BlockLayout:
+    """Blocks made of consecutive cubes (group[c]: cube c's block, non-decreasing), each block's
+    tokens in compact cube order (perm: their raster indices) in its first slots."""
+    n = perm.numel()
+    nb = int(group[-1]) + 1
+    psizes = torch.zeros(nb, dtype=torch.int64).index_add_(0, group, sizes)
+    tok_group = torch.repeat_interleave(group, sizes)
+    starts = torch.cumsum(psizes, 0) - psizes
+    slot = torch.arange(n) - starts[tok_group]
+    ptable = torch.full((nb, blk), -1, dtype=torch.int64)
+    ptable[tok_group, slot] = perm
+    block_of_token = torch.empty(n, dtype=torch.int64)
+    block_of_token[perm] = tok_group
+    return _host_layout(ptable, psizes, block_of_token, device)
+
+
+def _pack_edges(perm, sizes, row, vol, blk, device) -> BlockLayout:
     """Join runs of consecutive partial cubes of one cube row (same t and h cube) into blocks of
     at most `vol` tokens, greedily from the row's start. perm: the raster index of every token in
     compact cube order, which the joined blocks keep."""
@@ -169,18 +182,7 @@ def _pack_edges(perm, sizes, row, vol, blk, n, device) -> BlockLayout:
         group.append(g)
         fill = vol if s == vol else fill + s
         last_row = r
-    group = torch.tensor(group)
-    nb = g + 1
-    psizes = torch.zeros(nb, dtype=torch.int64).index_add_(0, group, sizes)
-    # the real slots of each group's cubes, in cube order, then padded to the tile width
-    tok_group = torch.repeat_interleave(group, sizes)
-    starts = torch.cumsum(psizes, 0) - psizes
-    slot = torch.arange(n) - starts[tok_group]
-    ptable = torch.full((nb, blk), -1, dtype=torch.int64)
-    ptable[tok_group, slot] = perm
-    block_of_token = torch.empty(n, dtype=torch.int64)
-    block_of_token[perm] = tok_group
-    return _host_layout(ptable, psizes, block_of_token, device)
+    return _grouped_layout(perm, sizes, torch.tensor(group), blk, device)
 
 
 def cube_tiling(grid, cube=(4, 4, 4), device="cpu") -> CubeTiling:

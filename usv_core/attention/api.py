@@ -170,11 +170,13 @@ def _vsa(q, k, v, layout: BlockLayout, keep, gate, scale, return_stats, backend)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # when gradients are wanted the coarse branch is built from differentiable torch ops below
     with_coarse = gate is not None and not need_grad
-    idx, cnt, coarse, ent = ops.select(
+    with_rows = not need_grad and ops.kv_source(q.device) != "table"
+    idx, cnt, coarse, ent, k_rows, v_rows = ops.select(
         q.detach(), k.detach(), v.detach(), layout.token_table, layout.block_sizes, counts.view(-1),
-        kmax, layout.block, True, scale, with_coarse, return_stats,
+        kmax, layout.block, True, scale, with_coarse, return_stats, with_rows,
     )
-    out = ops.attend(q, k, v, idx, cnt, layout.token_table, layout.block_sizes, layout.block, True, scale)
+    out = ops.attend(q, k, v, idx, cnt, layout.token_table, layout.block_sizes, layout.block, True, scale,
+                     (k_rows, v_rows) if with_rows else None)
     if gate is not None:
         if need_grad:
             coarse = torch.softmax(coarse_scores(q, k, layout, scale), -1) @ pool_blocks(v, layout)

@@ -125,7 +125,7 @@ def vsa_attention_joint(q, k, v, grid, keep, cube=(4, 4, 4), text_tokens=None, s
     else:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         # the grid tiling's table only names raster indices < G: selection never reads text rows
-        idx, cnt, _, ent = ops.select(
+        idx, cnt, _, ent, _, _ = ops.select(
             q.detach(), k.detach(), v.detach(), tiling.layout.token_table, tiling.layout.block_sizes,
             counts.view(-1), kmax, tiling.layout.block, True, scale, False, return_stats,
         )

@@ -22,6 +22,11 @@ _LOG2E = 1.4426950408889634
 MAX_SELECT_BLOCKS = 4096
 
 _FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H200 sweep: bench/attention.md
+# How the forward reads key tiles when no gradient is wanted (select's pooling pass writes the
+# block-ordered copies): "table" gathers rows of the raster tensors through the token table;
+# "rows" reads the copies; "tma" reads them through tensor descriptors (compute capability 9+,
+# "rows" elsewhere). Not yet timed against each other on a GPU: bench/attention.py --kv-sweep.
+_FWD_KV = "table"
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
 _SCORE_PRECISION = None  # None: by device (_score_precision); the benchmark sets "ieee" or "tf32x3"
 
@@ -37,13 +42,25 @@ def _new(shape, dtype, device):
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
 
 
-def set_kernel_config(fwd=None, bwd=None):
-    """Override launch parameters (num_warps, num_stages; KB = key blocks per forward step);
-    used by the benchmark's sweep."""
+def set_kernel_config(fwd=None, bwd=None, kv=None):
+    """Override launch parameters (num_warps, num_stages; KB = key blocks per forward step) and
+    the forward's key-tile source (kv: "table", "rows" or "tma"); used by the benchmark's sweep."""
+    global _FWD_KV
     if fwd:
         _FWD_CONFIG.update(fwd)
     if bwd:
         _BWD_CONFIG.update(bwd)
+    if kv is not None:
+        if kv not in ("table", "rows", "tma"):
+            raise ValueError(f"kv must be 'table', 'rows' or 'tma', got {kv!r}")
+        _FWD_KV = kv
+
+
+def kv_source(device) -> str:
+    """The forward's key-tile source on this device (see _FWD_KV)."""
+    if _FWD_KV == "tma" and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "rows"  # tensor descriptors need Hopper's copy engine
+    return _FWD_KV
 
 
 def _interpreting():
@@ -89,7 +106,7 @@ def _empty(device):
 
 
 # ---------------------------------------------------------------------------------- selection
-def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats):
+def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats, with_rows):
     pool_mod, scores_mod, select_mod, _, _ = _kernels()
 
     B, H, _, D = q.shape
@@ -98,14 +115,16 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
     qc = _new((B, H, C, D), torch.float32, dev)
     kc = _new((B, H, C, D), torch.float32, dev)
     vc = _new((B, H, C, D), torch.float32, dev) if with_coarse else qc
+    rows_shape = (B * H, C * block, D) if with_rows else (0,)
+    kr, vr = _new(rows_shape, q.dtype, dev), _new(rows_shape, q.dtype, dev)
     tab = table if use_table else _empty(dev)
     pool_mod.pool_kernel[(C, B * H)](
-        q, k, v, qc, kc, vc, tab, sizes,
+        q, k, v, qc, kc, vc, kr if with_rows else qc, vr if with_rows else qc, tab, sizes,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         H, C,
-        HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, WITH_V=with_coarse,
+        HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, WITH_V=with_coarse, KV_ROWS=with_rows,
         num_warps=8 if block * D >= 8192 else 4,
     )
     idx = _new((B, H, C, kmax), torch.int32, dev)
@@ -129,14 +148,14 @@ def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, w
         if with_stats:
             logp = torch.log_softmax(scores, -1)
             ent.copy_(-(logp.exp() * logp).nan_to_num(0.0).sum(-1))
-        return idx, cnt, coarse, ent
+        return idx, cnt, coarse, ent, kr, vr
     select_mod.select_kernel[(C, B * H)](
         scores, vc, idx, cnt, counts, ent if with_stats else qc, coarse if with_coarse else qc,
         C, kmax,
         HEAD_DIM=D, CPAD=cpad, VCH=16, WITH_COARSE=with_coarse, WITH_STATS=with_stats,
         num_warps=max(1, cpad // 1024),
     )
-    return idx, cnt, coarse, ent
+    return idx, cnt, coarse, ent, kr, vr
 
 
 def _score_precision(device) -> str:
@@ -158,22 +177,32 @@ def _cdiv(a, b):
 
 
 # ---------------------------------------------------------------------------------- attention
-def _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
+def _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale, kv_rows=False):
+    """kv_rows: k and v are select's block-ordered copies (batch*head, blocks * block, D)."""
     _, _, _, fwd_mod, _ = _kernels()
     B, H, N, D = q.shape
     nqb = sizes.numel()
     o = _new(q.shape, q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     tab = table if use_table else _empty(q.device)
+    config = dict(_FWD_CONFIG)
+    kd, vd, desc = k, v, False
+    if kv_rows:
+        config["KB"] = 1  # one contiguous slab per step
+        desc = kv_source(q.device) == "tma"
+        if desc:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            kd, vd = (TensorDescriptor.from_tensor(t.view(-1, D), [block, D]) for t in (k, v))
     fwd_mod.bsa_fwd_kernel[(nqb, B * H)](
-        q, k, v, o, lse, idx, cnt, tab, sizes,
+        q, kd, vd, o, lse, idx, cnt, tab, sizes,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, nqb, N, idx.shape[-1], scale * _LOG2E,
-        HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, DOT_F32=_interpreting(),
-        **_FWD_CONFIG,
+        HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, DOT_F32=_interpreting(), KV_ROWS=kv_rows, KV_DESC=desc,
+        **config,
     )
     return o, lse
 
@@ -238,29 +267,33 @@ def _register():
     @torch.library.custom_op("usv::vsa_select", mutates_args=())
     def vsa_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                    sizes: torch.Tensor, counts: torch.Tensor, kmax: int, block: int, use_table: bool,
-                   scale: float, with_coarse: bool, with_stats: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats)
+                   scale: float, with_coarse: bool, with_stats: bool, with_rows: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats,
+                            with_rows)
 
     @vsa_select.register_fake
-    def _(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats):
+    def _(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats, with_rows=False):
         B, H, _, D = q.shape
         C = sizes.shape[0]
+        rows = (B * H, C * block, D) if with_rows else (0,)
         return (
             q.new_empty((B, H, C, kmax), dtype=torch.int32),
             q.new_empty((B, H, C), dtype=torch.int32),
             q.new_empty((B, H, C, D) if with_coarse else (0,), dtype=torch.float32),
             q.new_empty((B, H, C) if with_stats else (0,), dtype=torch.float32),
+            q.new_empty(rows),
+            q.new_empty(rows),
         )
 
     @torch.library.custom_op("usv::bsa_fwd", mutates_args=())
     def bsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
-                table: torch.Tensor, sizes: torch.Tensor, block: int, use_table: bool, scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale)
+                table: torch.Tensor, sizes: torch.Tensor, block: int, use_table: bool, scale: float,
+                kv_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale, kv_rows)
 
     @bsa_fwd.register_fake
-    def _(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
+    def _(q, k, v, idx, cnt, table, sizes, block, use_table, scale, kv_rows=False):
         B, H, N, _ = q.shape
         # contiguous, like the real outputs (empty_like would copy q's strides)
         return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=torch.float32)
@@ -298,14 +331,19 @@ class BlockSparseAttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def select(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats):
+def select(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats, with_rows=False):
+    """-> (lists, counts, coarse output, entropy per block, block-ordered K copy, V copy); the
+    copies are empty unless with_rows."""
     return torch.ops.usv.vsa_select(q, k, v, table, sizes, counts, kmax, block, use_table, scale,
-                                    with_coarse, with_stats)
+                                    with_coarse, with_stats, with_rows)
 
 
-def attend(q, k, v, idx, cnt, table, sizes, block, use_table, scale):
+def attend(q, k, v, idx, cnt, table, sizes, block, use_table, scale, kv_rows=None):
+    """kv_rows: select's (K copy, V copy), read instead of k and v; forward only."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return BlockSparseAttentionFn.apply(q, k, v, idx, cnt, table, sizes, block, use_table, scale)
+    if kv_rows is not None:
+        return torch.ops.usv.bsa_fwd(q, *kv_rows, idx, cnt, table, sizes, block, use_table, scale, True)[0]
     return torch.ops.usv.bsa_fwd(q, k, v, idx, cnt, table, sizes, block, use_table, scale)[0]
 
 

@@ -8,6 +8,10 @@ Rows of a block are found in one of two ways (USE_TABLE):
   reads raster-ordered tensors directly (each cube is 16 runs of 4 contiguous tokens, every row a
   contiguous head_dim vector, so the loads stay 16-byte wide) and serves variable block sizes;
 - as BLOCK consecutive rows starting at block * BLOCK, the first SIZES[block] of them real.
+With KV_ROWS, K and V are instead the block-ordered copies the pooling pass writes
+(batch*head, blocks * BLOCK, head_dim), every block padded to BLOCK rows with zeros: a key tile
+is one contiguous slab, read with plain loads or (KV_DESC, Hopper and newer) as a TMA copy through
+a host-side tensor descriptor over the copy's rows; KB is then 1.
 Missing keys get -inf logits; missing query rows are never stored. Row offsets inside one
 (batch, head) are 32-bit (the wrapper guarantees they fit): 64-bit offset tensors cost ~100 more
 bytes of register spills per thread. KB key blocks per step (1 or 2) is a launch option; on the
@@ -33,7 +37,7 @@ def bsa_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     H, NQB, N, kmax, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr, DOT_F32: tl.constexpr,
-    KB: tl.constexpr,
+    KB: tl.constexpr, KV_ROWS: tl.constexpr = False, KV_DESC: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -54,8 +58,9 @@ def bsa_fwd_kernel(
         # Triton 3.6's interpreter multiplies bfloat16 bit patterns as integers: under it the
         # matrix operands are widened (the interpreter alone sets DOT_F32)
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not KV_ROWS:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
@@ -69,16 +74,28 @@ def bsa_fwd_kernel(
     n_offs = tl.arange(0, KB * BLOCK)
     half = n_offs // BLOCK
     slot = n_offs % BLOCK
+    rows0 = bh * NQB * BLOCK  # KV_ROWS: this (batch, head)'s first row of the block-ordered copies
     for j in range(0, cnt, KB):
-        kb = tl.load(idx_ptr + j + half, mask=(j + half) < cnt, other=-1)
-        if USE_TABLE:
-            k_tok = tl.load(TAB + kb * BLOCK + slot, mask=kb >= 0, other=-1)
-            k_valid = k_tok >= 0
+        if KV_ROWS:
+            kb1 = tl.load(idx_ptr + j)
+            k_valid = n_offs < tl.load(SIZES + kb1)
+            if KV_DESC:
+                k = K.load([rows0 + kb1 * BLOCK, 0])
+                v = V.load([rows0 + kb1 * BLOCK, 0])
+            else:
+                krow = rows0.to(tl.int64) + kb1 * BLOCK + n_offs
+                k = tl.load(K + krow[:, None] * HEAD_DIM + d[None, :])
+                v = tl.load(V + krow[:, None] * HEAD_DIM + d[None, :])
         else:
-            k_tok = kb * BLOCK + slot
-            k_valid = slot < tl.load(SIZES + kb, mask=kb >= 0, other=0)
-        k = tl.load(k_base + k_tok[:, None] * stride_kn + d[None, :], mask=k_valid[:, None], other=0.0)
-        v = tl.load(v_base + k_tok[:, None] * stride_vn + d[None, :], mask=k_valid[:, None], other=0.0)
+            kb = tl.load(idx_ptr + j + half, mask=(j + half) < cnt, other=-1)
+            if USE_TABLE:
+                k_tok = tl.load(TAB + kb * BLOCK + slot, mask=kb >= 0, other=-1)
+                k_valid = k_tok >= 0
+            else:
+                k_tok = kb * BLOCK + slot
+                k_valid = slot < tl.load(SIZES + kb, mask=kb >= 0, other=0)
+            k = tl.load(k_base + k_tok[:, None] * stride_kn + d[None, :], mask=k_valid[:, None], other=0.0)
+            v = tl.load(v_base + k_tok[:, None] * stride_vn + d[None, :], mask=k_valid[:, None], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
