@@ -11,6 +11,7 @@ Triton's interpreter, which is how the CPU test suite checks them.
 """
 
 
+import importlib
 import math
 import os
 
@@ -25,7 +26,7 @@ _FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H200 sweep: bench/at
 # How the forward reads key tiles when no gradient is wanted (select's pooling pass writes the
 # block-ordered copies): "table" gathers rows of the raster tensors through the token table;
 # "rows" reads the copies; "tma" reads them through tensor descriptors (compute capability 9+,
-# "rows" elsewhere). Not yet timed against each other on a GPU: bench/attention.py --kv-sweep.
+# "rows" elsewhere). Not yet timed against each other on a GPU: bench/attention.py --sweep does.
 _FWD_KV = "table"
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
 _SCORE_PRECISION = None  # None: by device (_score_precision); the benchmark sets "ieee" or "tf32x3"
@@ -87,18 +88,11 @@ def _patch_interpreter():
     it._usv_index_patch = True
 
 
-def _kernels():
+def _kernel_module(name: str):
+    """One of the triton_*.py kernel modules, imported on first use (after the interpreter patch:
+    triton is imported only where a kernel runs)."""
     _patch_interpreter()
-    from . import triton_bwd, triton_fwd, triton_pool, triton_scores, triton_select
-
-    return triton_pool, triton_scores, triton_select, triton_fwd, triton_bwd
-
-
-def _transpose_kernels():
-    _patch_interpreter()
-    from . import triton_transpose
-
-    return triton_transpose
+    return importlib.import_module(f"{__package__}.triton_{name}")
 
 
 def _empty(device):
@@ -107,7 +101,7 @@ def _empty(device):
 
 # ---------------------------------------------------------------------------------- selection
 def _select_impl(q, k, v, table, sizes, counts, kmax, block, use_table, scale, with_coarse, with_stats, with_rows):
-    pool_mod, scores_mod, select_mod, _, _ = _kernels()
+    pool_mod, scores_mod, select_mod = (_kernel_module(n) for n in ("pool", "scores", "select"))
 
     B, H, _, D = q.shape
     C = sizes.numel()
@@ -179,7 +173,7 @@ def _cdiv(a, b):
 # ---------------------------------------------------------------------------------- attention
 def _fwd_impl(q, k, v, idx, cnt, table, sizes, block, use_table, scale, kv_rows=False):
     """kv_rows: k and v are select's block-ordered copies (batch*head, blocks * block, D)."""
-    _, _, _, fwd_mod, _ = _kernels()
+    fwd_mod = _kernel_module("fwd")
     B, H, N, D = q.shape
     nqb = sizes.numel()
     o = _new(q.shape, q.dtype, q.device)
@@ -211,7 +205,7 @@ def transpose_lists(idx, cnt, num_blocks):
     """Per-query-block key lists -> per-key-block query lists, ascending (for dk/dv), with the
     order the dk/dv programs take the key blocks in: longest list first.
     Returns (qidx (B, H, C, C) int32, qcnt (B, H, C) int32, order (B, H, C) int32)."""
-    tr = _transpose_kernels()
+    tr = _kernel_module("transpose")
     B, H, C, kmax = idx.shape
     mask = torch.zeros((B, H, C, C), dtype=torch.int8, device=idx.device)
     tr.scatter_kernel[(C, B * H)](idx, cnt, mask, C, kmax, KPAD=_next_pow2(max(kmax, 16)), num_warps=1)
@@ -224,7 +218,7 @@ def transpose_lists(idx, cnt, num_blocks):
 
 
 def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, scale):
-    _, _, _, _, bwd_mod = _kernels()
+    bwd_mod = _kernel_module("bwd")
     B, H, N, D = q.shape
     nb = sizes.numel()
     do = do.contiguous()
