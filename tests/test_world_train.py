@@ -3,8 +3,10 @@ run stopped by its time limit or by a step budget resumes from its checkpoint.""
 
 import json
 import os
+import shutil
 
 import torch
+from safetensors.torch import load_file
 
 from usv_core.world import train, weights
 from usv_core.world.checkpoint import load_state, save_state
@@ -61,6 +63,15 @@ def test_init_from_trains_shipped_weights_on(tmp_path, capsys):
     after = weights.load_dit(str(tmp_path / "second" / "usv_world_dit.safetensors")).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.load(open(tmp_path / "second" / "world_teacher.json"))["dit_steps"] == 3
+    # the next continuation, on a fresh checkpoint folder as on a fresh machine, trains on other clips
+    ckpt3 = tmp_path / "third" / "ckpt"
+    os.makedirs(ckpt3)
+    shutil.copy(ckpt / "vae.safetensors", ckpt3 / "vae.safetensors")
+    shutil.copy(tmp_path / "second" / "world_teacher.json", ckpt3 / "results.json")
+    assert train.main(["--out", str(tmp_path / "third"), "--tiny", "--dit-steps", "1", "--lr", "0", "--no-eval",
+                       "--init-from", str(shipped)]) == 0
+    clips = [load_file(str(c / "latents.safetensors"))["lat"] for c in (ckpt, ckpt3)]
+    assert clips[0].shape == clips[1].shape and not torch.equal(*clips)
 
 
 def test_checkpoint_resumes_the_same_optimisation(tmp_path):

@@ -392,11 +392,16 @@ def main(argv=None) -> int:
     ckpt = a.ckpt or os.path.join(a.out, "ckpt")
     os.makedirs(ckpt, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # A resumed run draws other batches than the first (the same draws again would repeat epochs).
+    state_path = os.path.join(ckpt, "results.json")
+    results: dict = json.load(open(state_path)) if os.path.exists(state_path) else {}
+    # A resumed run draws other batches than the first (the same draws again would repeat epochs),
+    # and a continuation of trained weights (--init-from, each on a fresh checkpoint folder) other
+    # training clips than the continuation before it: its draws also depend on the steps so far.
     runs = len([f for f in os.listdir(ckpt) if f.startswith("run")])
     open(os.path.join(ckpt, f"run{runs}"), "w").close()
     torch.manual_seed(a.seed + 1000 * runs)
-    rng = np.random.default_rng([a.seed, runs])
+    prior = int(results.get("dit_steps", 0)) if a.init_from else 0
+    rng = np.random.default_rng([a.seed, runs, prior] if prior else [a.seed, runs])
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -406,8 +411,6 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     log(f"device {card}, torch {torch.__version__}, command {runs + 1} on {ckpt}")
     curves: dict[str, list[float]] = {}
-    state_path = os.path.join(ckpt, "results.json")
-    results: dict = json.load(open(state_path)) if os.path.exists(state_path) else {}
     results.update({"card": card, "torch": torch.__version__, "args": {k: v for k, v in vars(a).items() if k not in ("out", "ckpt")}})
     results.setdefault("commands", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S")})
     vae_file = os.path.join(ckpt, "vae.safetensors")
