@@ -1,7 +1,7 @@
 """Seconds per USV World video on this machine's CPU, through ComfyUI's own executor: UNETLoader,
 VAELoader, USVWorldPrompt (positive and empty negative), EmptyHunyuanLatentVideo 256x256x33,
-KSampler euler/simple with CFG, VAEDecode. Also scores the video. Writes
-bench/results/world_cpu.json.
+KSampler euler/simple with CFG, then the decode twice: ComfyUI's VAEDecode and USV VAE Decode
+(the whole clip at once on the CPU). Also scores the video. Writes bench/results/world_cpu.json.
 
     .venv/bin/python bench/world_cpu.py [--steps 50] [--cfg 5]
 """
@@ -48,12 +48,16 @@ def main() -> None:
     frames = vae.decode(samples["samples"])
     frames = frames.reshape(-1, *frames.shape[-3:])
     t3, c3 = time.perf_counter(), time.process_time()
+    usv_frames = nodes.NODE_CLASS_MAPPINGS["USVVAEDecode"].execute(samples, vae).result[0]
+    t4 = time.perf_counter()
     s = score_details(frames, a.prompt)
     res = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "path": "ComfyUI 0.3.75 nodes: UNETLoader, VAELoader, USVWorldPrompt, KSampler euler/simple, VAE decode",
+        "torch": torch.__version__, "path": "ComfyUI 0.3.75 nodes: UNETLoader, VAELoader, USVWorldPrompt, KSampler euler/simple, VAEDecode / USV VAE Decode",
         "steps": a.steps, "cfg": a.cfg, "size": [33, 256, 256], "prompt": a.prompt,
         "load_seconds": t1 - t0, "sample_seconds": t2 - t1, "decode_seconds": t3 - t2, "seconds_per_video": t3 - t1,
+        "usv_decode_seconds": t4 - t3, "usv_decode_max_abs_diff": float((usv_frames - frames).abs().max()),
+        "seconds_per_video_usv_decode": t2 - t1 + t4 - t3,
         "world_score": s["score"],
         # The machine is shared: wall-clock seconds stretch with others' load, the process's own
         # CPU seconds (both threads together) much less, so both are kept, with the load beside them.
