@@ -95,6 +95,8 @@ def main() -> None:
                    help="a few-step student in diffusion_models (usv_world_student.safetensors): sampled with USV DMD "
                         "Sigmas (--preset) and USV DMD Sampler, no CFG; --steps and --cfg are then unused")
     p.add_argument("--preset", default="fastwan-3step", help="USV DMD Sigmas preset of --student")
+    p.add_argument("--dmd-mode", default="stochastic", choices=("stochastic", "deterministic"),
+                   help="USV DMD Sampler's mode for --student")
     p.add_argument("--decoder", choices=("comfy", "world"), default="comfy",
                    help="VAE decode: ComfyUI's, or usv_core.world's whole-clip decoder of the same weights (equal to "
                         "1e-4, tests/test_world_models.py; three times faster on a CPU)")
@@ -157,7 +159,7 @@ def main() -> None:
         import comfy.sample
 
         sigmas = nodes.NODE_CLASS_MAPPINGS["USVDMDSigmas"].execute(model, a.preset, "1000, 750, 500, 250", 1.0).result[0]
-        sampler = nodes.NODE_CLASS_MAPPINGS["USVDMDSampler"].execute("stochastic", seed).result[0]
+        sampler = nodes.NODE_CLASS_MAPPINGS["USVDMDSampler"].execute(a.dmd_mode, seed).result[0]
         noise = comfy.sample.prepare_noise(empty, seed)
         return comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, pos, pos, empty, seed=seed)
 
