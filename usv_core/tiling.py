@@ -142,19 +142,6 @@ def _cube_tiling_cached(grid, cube, device_str) -> CubeTiling:
     )
 
 
-def _host_layout(table, sizes, block_of_token, device) -> BlockLayout:
-    """A BlockLayout from host-built int64 tensors, moved to `device`."""
-    return BlockLayout(
-        num_tokens=block_of_token.numel(),
-        num_blocks=sizes.numel(),
-        block=table.shape[1],
-        max_block_size=int(sizes.max()),
-        token_table=table.to(torch.int32).to(device),
-        block_sizes=sizes.to(torch.int32).to(device),
-        block_of_token=block_of_token.to(device),
-    )
-
-
 def _grouped_layout(perm, sizes, group, blk, device) -> BlockLayout:
     """Blocks made of consecutive cubes (group[c]: cube c's block, non-decreasing), each block's
     tokens in compact cube order (perm: their raster indices) in its first slots."""
@@ -168,7 +155,15 @@ def _grouped_layout(perm, sizes, group, blk, device) -> BlockLayout:
     ptable[tok_group, slot] = perm
     block_of_token = torch.empty(n, dtype=torch.int64)
     block_of_token[perm] = tok_group
-    return _host_layout(ptable, psizes, block_of_token, device)
+    return BlockLayout(
+        num_tokens=n,
+        num_blocks=nb,
+        block=blk,
+        max_block_size=int(psizes.max()),
+        token_table=ptable.to(torch.int32).to(device),
+        block_sizes=psizes.to(torch.int32).to(device),
+        block_of_token=block_of_token.to(device),
+    )
 
 
 def _pack_edges(perm, sizes, row, vol, blk, device) -> BlockLayout:
