@@ -54,3 +54,12 @@ def test_two_gloo_processes_with_fsdp2_train_export_and_resume_on_one(tmp_path):
     assert "from step 2/3" in said[0] and said[-1].startswith("done: 3 steps")
     with open(tmp_path / "log.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_two_processes_train_the_gan_classifier_in_the_fake_networks_shards(tmp_path):
+    out = launch(tmp_path, 2, "--steps", "1", "--gan", "0.01")
+    assert "real clips for the GAN term" in out and "done: 1 steps" in out
+    state = load_file(tmp_path / "ckpt" / "state.safetensors")
+    w = state["module.fake.classifier.mlp.2.weight"]  # zero at the start: it moved, and whole
+    assert w.shape == (1, 128) and w.abs().sum() > 0
+    assert "opt.fake.classifier.mlp.2.weight.exp_avg" in state

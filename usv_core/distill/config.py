@@ -47,6 +47,12 @@ class Config:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # DMD2's GAN term (0: off): the fake network's classifier tells real USV World clips from the
+    # student's samples; gan weighs its pull on the student, gan_d_weight the classifier's loss
+    gan: float = 0.0
+    gan_d_weight: float = 1e-2
+    gan_clips: int = 1024  # real clips rendered and encoded once at the start
+    vae: str = ""  # the VAE that encodes them; "" = the shipped USV World VAE
     batch: int = 16  # per process; at USV World sizes a GPU is launch-bound, so 16 costs about what 8 does
     frames: int = 17
     size: int = 256  # height in pixels (and width unless --width)
@@ -90,11 +96,17 @@ class Config:
     def text_path(self) -> str:
         return self.text or weights.default_path(weights.TEXT_FILE)
 
+    def vae_path(self) -> str:
+        return self.vae or weights.default_path(weights.VAE_FILE)
+
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
         keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "tiling", "dense_steps", "dense_student", "cfg",
-                "fake_updates", "dmd_shift", "min_t", "max_t", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
-        return {k: getattr(self, k) for k in keys}
+                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
+        recipe = {k: getattr(self, k) for k in keys}
+        if not self.gan:  # settings of a term that is off do not bind a resumption
+            del recipe["gan_d_weight"], recipe["gan_clips"]
+        return recipe
 
 
 HELP = {
@@ -112,6 +124,10 @@ HELP = {
     "cfg": "teacher's classifier-free guidance scale in the real score",
     "fake_updates": "fake-score updates per student update (the two time scales)",
     "dmd_shift": "time shift of the re-noising level of the distribution-matching loss",
+    "gan": "weight of DMD2's GAN term on the student (0: off); its classifier learns real USV World clips from the student's samples",
+    "gan_d_weight": "weight of the classifier's loss in the fake network's update",
+    "gan_clips": "real clips rendered and encoded at the start for the GAN term",
+    "vae": "VAE that encodes the GAN term's real clips (default: the shipped USV World VAE)",
     "batch": "samples per process per update",
     "steps": "student updates in all (over every resumed command)",
     "stop_after": "seconds for this command; then save and stop (run it again to resume)",
@@ -152,8 +168,14 @@ def from_args(argv=None) -> Config:
         raise SystemExit(f"--tiling must be packed or cubes, got {cfg.tiling!r}")
     if cfg.schedule not in dmd.PRESET_NAMES:
         raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
+    if cfg.gan < 0 or cfg.gan_d_weight < 0 or (cfg.gan and cfg.gan_clips < 1):
+        raise SystemExit("--gan and --gan-d-weight must be >= 0, and --gan-clips >= 1 when --gan is on")
+    if cfg.gan and (cfg.embeddings or cfg.width not in (0, cfg.size)):
+        raise SystemExit("--gan learns from real USV World clips, which are square and captioned by its caption "
+                         "encoder: drop --embeddings and --width, or run without --gan")
     if cfg.tiny:
         cfg.frames, cfg.size, cfg.width, cfg.batch = min(cfg.frames, 5), min(cfg.size, 128), 0, min(cfg.batch, 2)
         cfg.fake_updates = min(cfg.fake_updates, 2)
+        cfg.gan_clips = min(cfg.gan_clips, 8)
     cfg.sparsity()  # fails early on a bad keep or merge ratio
     return cfg

@@ -1,16 +1,20 @@
 """Conditioning for distillation. DMD needs no videos: only what the student is asked for. For USV
 World that is captions of random training scenes through the teacher's caption encoder; for a
 real Wan checkpoint it is text-encoder outputs computed once elsewhere (umT5 is not part of this
-package) and stored as safetensors: "cond" (P, L, 4096) and "uncond" (1, L, 4096)."""
+package) and stored as safetensors: "cond" (P, L, 4096) and "uncond" (1, L, 4096).
+
+DMD2's GAN term does need videos: RealClips renders USV World training clips and encodes them
+once with the shipped VAE."""
 
 from __future__ import annotations
 
 import torch
 from safetensors import safe_open
 
-from ..world.evaluate import EVAL_SEED
-from ..world.scene import sample_scene
+from ..world.evaluate import EVAL_SEED, autocast
+from ..world.scene import make_batch, sample_scene
 from ..world.text import CaptionEncoder
+from ..world.vae import WanVAE, latent_norm
 from ..world.weights import load_text
 
 
@@ -54,3 +58,31 @@ class Embeddings:
     def batch(self, gen: torch.Generator, n: int, device):
         idx = torch.randint(0, self.cond.shape[0], (n,), generator=gen)
         return self.cond[idx].to(device), self.uncond_one.expand(n, -1, -1).to(device), [f"#{i}" for i in idx.tolist()]
+
+
+class RealClips:
+    """n training clips (seeds below EVAL_SEED) as the DiT sees them: rendered, encoded by the VAE,
+    normalised as ComfyUI's Wan21 latent format does; each with its caption's conditioning.
+    Drawn from gen, so a resumed run rebuilds the same set instead of storing it."""
+
+    def __init__(self, vae: WanVAE, captions: WorldCaptions, n: int, frames: int, size: int, gen: torch.Generator,
+                 device, chunk: int = 16):
+        seeds = torch.randint(0, EVAL_SEED, (n,), generator=gen).tolist()
+        vae = vae.to(device)
+        latents, prompts = [], []
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                clips, caps = make_batch(seeds[i : i + chunk], size=size, frames=frames, device=device)
+                with autocast(torch.device(device)):
+                    z = vae.encode(clips.permute(0, 4, 1, 2, 3) * 2 - 1).float()
+                latents.append(latent_norm(z).to(torch.bfloat16))
+                prompts += caps
+            self.cond = captions.encoder.encode(prompts, warn=False).to(device)
+        self.latents = torch.cat(latents)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self), (n,), generator=gen).to(self.latents.device)
+        return self.latents[idx].float(), self.cond[idx]

@@ -18,13 +18,15 @@ import torch
 from .. import dmd
 from . import checkpoint, export
 from .config import Config
-from .data import Embeddings, WorldCaptions
+from ..world.weights import load_vae
+from .data import Embeddings, RealClips, WorldCaptions
 from .dist import Dist, checkpoint_blocks, shard
+from .gan import fake_update_losses, student_gan_loss
 from .losses import StudentDraw, dmd_gradient, dmd_loss, fake_score_loss, student_sample
 from .models import build, read_wan_state
 from .student import DENSE
 
-FAKE, STUDENT = 1, 2
+FAKE, STUDENT, REAL, REAL_SET = 1, 2, 3, 4
 SHARED = 2**31  # the "rank" of draws every process makes alike
 STUDENT_FILE = "student_dit.safetensors"
 LORA_FILE = "student_lora.safetensors"
@@ -44,7 +46,7 @@ class Trainer:
             raise ValueError(f"schedule {cfg.schedule} must end at sigma 0, got {self.sigmas}")
         self.sparsity = cfg.sparsity()
         teacher_sd = None if cfg.tiny else read_wan_state(cfg.teacher_path())
-        teacher, fake, student = build(teacher_sd, cfg.seed, cfg.tiny_layers)
+        teacher, fake, student = build(teacher_sd, cfg.seed, cfg.tiny_layers, gan=cfg.gan > 0)
         # the LoRA's base, kept in host memory only where a LoRA will be written
         self.teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()} if cfg.export_rank and d.main else None
         if cfg.embeddings:
@@ -53,6 +55,13 @@ class Trainer:
             self.data = WorldCaptions.tiny(cfg.seed)
         else:
             self.data = WorldCaptions.from_file(cfg.text_path())
+        self.real = None
+        if cfg.gan:
+            t0 = time.time()
+            self.real = RealClips(load_vae(cfg.vae_path()), self.data, cfg.gan_clips, cfg.frames, cfg.size,
+                                  self.generator(0, REAL_SET), self.device)
+            if d.main:
+                print(f"distill: {len(self.real)} real clips for the GAN term encoded in {time.time() - t0:.1f} s")
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
         if cfg.activation_checkpointing:
@@ -74,8 +83,9 @@ class Trainer:
 
     def _resume(self) -> None:
         info = checkpoint.read_info(self.cfg.ckpt)
-        # runs from before the tiling setting attended over one block per cube, today's default
-        stored = {"tiling": "cubes", **info.get("recipe", {})}
+        # runs from before the tiling setting attended over one block per cube, today's default,
+        # and those from before the GAN term ran without it
+        stored = {"tiling": "cubes", "gan": 0.0, **info.get("recipe", {})}
         if stored != self.cfg.recipe():
             changed = sorted(k for k in self.cfg.recipe() if stored.get(k) != self.cfg.recipe()[k])
             raise SystemExit(f"{self.cfg.ckpt} was written with other settings ({', '.join(changed)}); "
@@ -119,10 +129,22 @@ class Trainer:
         gen = self.generator(step, role, i)
         cond, uncond, _ = self.data.batch(gen, b, self.device)
         noise = [torch.randn(shape, generator=gen).to(self.device) for _ in range(k + 1)]
-        u = cfg.min_t + (cfg.max_t - cfg.min_t) * torch.rand(b, generator=gen, dtype=torch.float64)
-        s = torch.tensor([dmd.shift_time(float(x), cfg.dmd_shift) for x in u], dtype=torch.float32, device=self.device)
-        eps = torch.randn(shape, generator=gen).to(self.device)
+        s, eps = self._renoise(gen, shape)
         return cond, uncond, StudentDraw(noise, k), s, eps
+
+    def _renoise(self, gen: torch.Generator, shape):
+        """A noise level s = shift(u) per sample and the noise to take a clean latent there."""
+        cfg = self.cfg
+        u = cfg.min_t + (cfg.max_t - cfg.min_t) * torch.rand(shape[0], generator=gen, dtype=torch.float64)
+        s = torch.tensor([dmd.shift_time(float(x), cfg.dmd_shift) for x in u], dtype=torch.float32, device=self.device)
+        return s, torch.randn(shape, generator=gen).to(self.device)
+
+    def _real_draw(self, step: int, i: int):
+        """A batch of real clips for the classifier, with their conditioning and re-noising."""
+        gen = self.generator(step, REAL, i)
+        real, cond = self.real.batch(gen, self.cfg.batch)
+        s, eps = self._renoise(gen, real.shape)
+        return real, cond, s, eps
 
     def sparsity_at(self, i: int):
         return DENSE if i < self.sparsity.dense_steps else self.sparsity
@@ -132,37 +154,52 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def fake_step(self, step: int, i: int) -> float:
+    def fake_step(self, step: int, i: int) -> tuple[float, dict]:
+        """One update of the fake network: (its flow-matching loss, the GAN classifier's stats)."""
         cond, _, draw, s, eps = self._draw(step, FAKE, i)
+        stats = {}
         with self._autocast():
             x0 = student_sample(self.student, draw, self.sigmas, cond, self.sparsity_at, grad=False)
-            loss = fake_score_loss(self.fake, x0, eps, s, cond)
+            if self.real is None:
+                flow = loss = fake_score_loss(self.fake, x0, eps, s, cond)
+            else:
+                real, real_cond, real_s, real_eps = self._real_draw(step, i)
+                flow, d, stats = fake_update_losses(self.fake, x0, eps, s, cond, real, real_eps, real_s, real_cond)
+                loss = flow + self.cfg.gan_d_weight * d
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.cfg.grad_clip)
         self.opt_fake.step()
-        return float(loss.detach())
+        return float(flow.detach()), stats
 
     def student_loss(self, step: int):
-        """(DMD surrogate loss with its graph, the student's x0, the target it is pulled to, stats)."""
+        """(the student's loss with its graph: the DMD surrogate, plus the GAN term when it is on; the
+        student's x0; the target DMD pulls it to; stats)."""
         cond, uncond, draw, s, eps = self._draw(step, STUDENT)
         with self._autocast():
             x0 = student_sample(self.student, draw, self.sigmas, cond, self.sparsity_at, grad=True)
             grad, stats = dmd_gradient(self.teacher, self.fake, x0, eps, s, cond, uncond, self.cfg.cfg)
             loss = dmd_loss(x0, grad)
+            stats["dmd"] = float(loss.detach())
+            if self.real is not None:
+                gan = student_gan_loss(self.fake, x0, eps, s, cond)
+                stats["gan_g"] = float(gan.detach())
+                loss = loss + self.cfg.gan * gan
         stats.update(student_step=draw.step, sigma=float(s.mean()))
         return loss, x0, (x0 - grad).detach(), stats
 
     def train_step(self) -> dict:
         t0 = time.time()
-        fake_losses = [self.fake_step(self.step, i) for i in range(self.cfg.fake_updates)]
+        fakes = [self.fake_step(self.step, i) for i in range(self.cfg.fake_updates)]
+        fake_losses = [f for f, _ in fakes]
+        gan_stats = {k: float(np.mean([st[k] for _, st in fakes])) for k in (fakes[0][1] if fakes else {})}
         loss, _, _, stats = self.student_loss(self.step)
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt_student.step()
-        out = {"dmd": float(loss.detach()), "fake": float(np.mean(fake_losses)) if fake_losses else 0.0,
-               "grad_norm": _norm(gnorm), **stats}
+        out = {"fake": float(np.mean(fake_losses)) if fake_losses else 0.0,
+               "grad_norm": _norm(gnorm), **gan_stats, **stats}
         out = self.d.mean(out)
         out["student_step"] = int(round(out["student_step"]))
         self.step += 1
@@ -220,7 +257,8 @@ class Trainer:
                 if self.d.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     rate = self.seconds / max(1, self.step)
                     eta = (cfg.steps - self.step) * stats["step_seconds"]
-                    say(f"step {self.step}/{cfg.steps} | dmd {stats['dmd']:.4f} | fake {stats['fake']:.4f} | "
+                    gan = f"gan {stats['gan_g']:.3f}, real/fake called real {stats['d_real']:.2f}/{stats['d_fake']:.2f} | " if cfg.gan else ""
+                    say(f"step {self.step}/{cfg.steps} | dmd {stats['dmd']:.4f} | fake {stats['fake']:.4f} | {gan}"
                         f"{stats['step_seconds']:.2f} s/step ({rate:.2f} mean) | eta {eta / 60:.1f} min")
                 if self.d.any(self.step % cfg.save_every == 0 or time.time() - last_save > cfg.save_seconds):
                     self.save()

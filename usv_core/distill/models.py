@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from ..world.dit import HEAD_DIM, WanDiT
 from ..world.weights import dit_config
+from .gan import fake_score_from
 from .student import SparseWanDiT
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -51,10 +52,11 @@ def tiny_teacher(seed: int = 0, layers: int = 3) -> WanDiT:
     return model
 
 
-def build(teacher_sd: dict[str, torch.Tensor] | None, tiny_seed: int = 0, tiny_layers: int = 3):
-    """(teacher, fake, student), on the CPU in float32; the teacher frozen."""
-    teacher = wan_from_state(teacher_sd) if teacher_sd is not None else tiny_teacher(tiny_seed, tiny_layers)
+def build(teacher_sd: dict[str, torch.Tensor] | None, seed: int = 0, tiny_layers: int = 3, gan: bool = False):
+    """(teacher, fake, student), on the CPU in float32; the teacher frozen. With gan the fake
+    network carries DMD2's classifier (gan.FakeScore)."""
+    teacher = wan_from_state(teacher_sd) if teacher_sd is not None else tiny_teacher(seed, tiny_layers)
     teacher.requires_grad_(False).eval()
-    fake = wan_from_state(teacher.state_dict())
+    fake = fake_score_from(teacher, seed) if gan else wan_from_state(teacher.state_dict())
     student = wan_from_state(teacher.state_dict(), cls=SparseWanDiT)
     return teacher, fake.train(), student.train()
