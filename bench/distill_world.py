@@ -36,10 +36,22 @@ STUDENTS = {
     "keep0.2+merge0.5": (["--keep", "0.2", "--merge", "0.5"], (0.2, 0.5)),
     "keep0.05+merge0.5": (["--keep", "0.05", "--merge", "0.5"], (0.05, 0.5)),
 }
+GAN_WEIGHT = 3e-3  # DMD2's ImageNet weight of the generator's GAN term; "keep0.2+gan0.01" sets another
 # training-free sparsity applied to the dense student
 TRAINING_FREE = [(0.2, 0.0), (0.1, 0.0), (0.05, 0.0), (0.2, 0.5), (0.05, 0.5)]
 TEACHER_FORWARDS = 100  # 50 steps, cond and uncond
 WAN_LAYERS = 30
+
+
+def student_options(name: str) -> tuple[list[str], tuple[float, float]]:
+    """A STUDENTS name, optionally with "+gan" or "+gan<weight>" (DMD2's GAN term on real clips)
+    -> (distillation options, the sparsity it is trained at and scored with)."""
+    base, gan, weight = name.partition("+gan")
+    if base not in STUDENTS or (gan and weight and not re.fullmatch(r"[0-9.]+(e-?[0-9]+)?", weight)):
+        raise SystemExit(f"--students: unknown {name!r}; choose from {', '.join(STUDENTS)}, each optionally "
+                         f"with +gan (weight {GAN_WEIGHT:g}) or +gan<weight>")
+    options, sparsity = STUDENTS[base]
+    return options + (["--gan", weight or str(GAN_WEIGHT)] if gan else []), sparsity
 
 
 def setting_name(keep: float, merge: float) -> str:
@@ -78,7 +90,7 @@ def distil(out: str, names: list[str], seconds: float, extra: list[str]) -> dict
     for name in names:
         folder = os.path.join(out, name)
         os.makedirs(folder, exist_ok=True)
-        cmd = [sys.executable, "-m", "usv_core.distill", "--out", folder, "--stop-after", str(seconds), *STUDENTS[name][0], *extra]
+        cmd = [sys.executable, "-m", "usv_core.distill", "--out", folder, "--stop-after", str(seconds), *student_options(name)[0], *extra]
         log = open(os.path.join(folder, "train.txt"), "a")
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
@@ -97,7 +109,8 @@ def distil(out: str, names: list[str], seconds: float, extra: list[str]) -> dict
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
-    p.add_argument("--students", default=",".join(STUDENTS), help=f"which to distil and score, of {', '.join(STUDENTS)}")
+    p.add_argument("--students", default=",".join(STUDENTS),
+                   help=f"which to distil and score, of {', '.join(STUDENTS)}, each optionally with +gan or +gan<weight>")
     p.add_argument("--seconds", type=float, default=420, help="--stop-after of every distillation (they run at once)")
     p.add_argument("--distill-args", default="", help="more options for every distillation, e.g. '--lr 1e-4'")
     p.add_argument("--score-only", action="store_true")
@@ -111,9 +124,8 @@ def main() -> int:
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     names = [n for n in a.students.split(",") if n]
-    unknown = [n for n in names if n not in STUDENTS]
-    if unknown:
-        raise SystemExit(f"--students: unknown {unknown}; choose from {', '.join(STUDENTS)}")
+    for n in names:
+        student_options(n)  # refuses an unknown name before anything trains
     extra = a.distill_args.split()
     sample = ["--prompts", str(a.prompts)]
     if a.tiny:
@@ -154,7 +166,7 @@ def main() -> int:
             row(f"dense student + {setting_name(keep, merge)} training-free", "dense", student["dense"], keep, merge)
     for n in names:
         if n != "dense" and n in student:
-            keep, merge = STUDENTS[n][1]
+            keep, merge = student_options(n)[1]
             row(f"student distilled at {n}", n, student[n], keep, merge)
     # the paired comparison (same prompts and noise): each row's score against the teacher's
     base = next((r for r in rows if r["row"].startswith("dense teacher")), None)
