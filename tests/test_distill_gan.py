@@ -101,5 +101,7 @@ def test_gan_settings_it_cannot_serve_say_what_to_change(tmp_path):
         from_args(["--out", str(tmp_path), "--gan", "0.01", "--embeddings", "prompts.safetensors"])
     with pytest.raises(SystemExit, match="drop --embeddings and --width"):
         from_args(["--out", str(tmp_path), "--gan", "0.01", "--size", "480", "--width", "832"])
+    with pytest.raises(SystemExit, match="give --fake-updates 1 or more"):
+        from_args(["--out", str(tmp_path), "--gan", "0.01", "--fake-updates", "0"])
     with pytest.raises(SystemExit, match="--gan and --gan-d-weight must be >= 0"):
         from_args(["--out", str(tmp_path), "--gan", "-1"])

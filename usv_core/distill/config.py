@@ -170,6 +170,8 @@ def from_args(argv=None) -> Config:
         raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
     if cfg.gan < 0 or cfg.gan_d_weight < 0 or (cfg.gan and cfg.gan_clips < 1):
         raise SystemExit("--gan and --gan-d-weight must be >= 0, and --gan-clips >= 1 when --gan is on")
+    if cfg.gan and cfg.fake_updates < 1:
+        raise SystemExit("--gan trains its classifier in the fake-score updates: give --fake-updates 1 or more")
     if cfg.gan and (cfg.embeddings or cfg.width not in (0, cfg.size)):
         raise SystemExit("--gan learns from real USV World clips, which are square and captioned by its caption "
                          "encoder: drop --embeddings and --width, or run without --gan")

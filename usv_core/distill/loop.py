@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .. import dmd
+from ..world.weights import load_vae
 from . import checkpoint, export
 from .config import Config
-from ..world.weights import load_vae
 from .data import Embeddings, RealClips, WorldCaptions
 from .dist import Dist, checkpoint_blocks, shard
 from .gan import fake_update_losses, student_gan_loss
@@ -58,10 +58,12 @@ class Trainer:
         self.real = None
         if cfg.gan:
             t0 = time.time()
+            if d.main:
+                print(f"distill: encoding {cfg.gan_clips} real clips for the GAN term", flush=True)
             self.real = RealClips(load_vae(cfg.vae_path()), self.data, cfg.gan_clips, cfg.frames, cfg.size,
                                   self.generator(0, REAL_SET), self.device)
             if d.main:
-                print(f"distill: {len(self.real)} real clips for the GAN term encoded in {time.time() - t0:.1f} s")
+                print(f"distill: real clips encoded in {time.time() - t0:.1f} s", flush=True)
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
         if cfg.activation_checkpointing:
