@@ -31,8 +31,11 @@ def test_real_clips_are_encoded_latents_of_the_students_shape(tmp_path):
     assert isinstance(tr.fake, FakeScore)
 
 
-def test_the_classifier_learns_real_clips_from_the_students_samples(tmp_path):
-    tr = gan_trainer(tmp_path, "--gan-d-weight", "1", "--fake-lr", "1e-3")
+@pytest.mark.parametrize("levels", [[], ["--gan-shift", "1"]], ids=["dmd-levels", "own-levels"])
+def test_the_classifier_learns_real_clips_from_the_students_samples(tmp_path, levels):
+    tr = gan_trainer(tmp_path, "--gan-d-weight", "1", "--fake-lr", "1e-3", *levels)
+    own = tr._gan_draw(0, 0)[1]
+    assert (own is None) == (not levels)  # by default the samples' logits come from the fake score's pass
     stats = [tr.fake_step(step=0, i=0)[1] for _ in range(12)]  # one fixed batch of each
     assert stats[0]["d_real"] == pytest.approx(0.5) and stats[0]["d_fake"] == pytest.approx(0.5)  # starts undecided
     d = [s["gan_d"] for s in stats]
@@ -103,5 +106,5 @@ def test_gan_settings_it_cannot_serve_say_what_to_change(tmp_path):
         from_args(["--out", str(tmp_path), "--gan", "0.01", "--size", "480", "--width", "832"])
     with pytest.raises(SystemExit, match="give --fake-updates 1 or more"):
         from_args(["--out", str(tmp_path), "--gan", "0.01", "--fake-updates", "0"])
-    with pytest.raises(SystemExit, match="--gan and --gan-d-weight must be >= 0"):
+    with pytest.raises(SystemExit, match="--gan, --gan-d-weight and --gan-shift must be >= 0"):
         from_args(["--out", str(tmp_path), "--gan", "-1"])

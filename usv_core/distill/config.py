@@ -52,6 +52,7 @@ class Config:
     gan: float = 0.0
     gan_d_weight: float = 1e-2
     gan_clips: int = 1024  # real clips rendered and encoded once at the start
+    gan_shift: float = 0.0  # time shift of the classifier's noise levels; 0: --dmd-shift's (DMD2's choice)
     vae: str = ""  # the VAE that encodes them; "" = the shipped USV World VAE
     batch: int = 16  # per process; at USV World sizes a GPU is launch-bound, so 16 costs about what 8 does
     frames: int = 17
@@ -102,10 +103,10 @@ class Config:
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
         keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "tiling", "dense_steps", "dense_student", "cfg",
-                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
+                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "gan_shift", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
         recipe = {k: getattr(self, k) for k in keys}
         if not self.gan:  # settings of a term that is off do not bind a resumption
-            del recipe["gan_d_weight"], recipe["gan_clips"]
+            del recipe["gan_d_weight"], recipe["gan_clips"], recipe["gan_shift"]
         return recipe
 
 
@@ -127,6 +128,7 @@ HELP = {
     "gan": "weight of DMD2's GAN term on the student (0: off); its classifier learns real USV World clips from the student's samples",
     "gan_d_weight": "weight of the classifier's loss in the fake network's update",
     "gan_clips": "real clips rendered and encoded at the start for the GAN term",
+    "gan_shift": "time shift of the noise levels the GAN classifier sees (0: those of --dmd-shift; 1: uniform)",
     "vae": "VAE that encodes the GAN term's real clips (default: the shipped USV World VAE)",
     "batch": "samples per process per update",
     "steps": "student updates in all (over every resumed command)",
@@ -168,8 +170,8 @@ def from_args(argv=None) -> Config:
         raise SystemExit(f"--tiling must be packed or cubes, got {cfg.tiling!r}")
     if cfg.schedule not in dmd.PRESET_NAMES:
         raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
-    if cfg.gan < 0 or cfg.gan_d_weight < 0 or (cfg.gan and cfg.gan_clips < 1):
-        raise SystemExit("--gan and --gan-d-weight must be >= 0, and --gan-clips >= 1 when --gan is on")
+    if cfg.gan < 0 or cfg.gan_d_weight < 0 or cfg.gan_shift < 0 or (cfg.gan and cfg.gan_clips < 1):
+        raise SystemExit("--gan, --gan-d-weight and --gan-shift must be >= 0, and --gan-clips >= 1 when --gan is on")
     if cfg.gan and cfg.fake_updates < 1:
         raise SystemExit("--gan trains its classifier in the fake-score updates: give --fake-updates 1 or more")
     if cfg.gan and (cfg.embeddings or cfg.width not in (0, cfg.size)):

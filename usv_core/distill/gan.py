@@ -6,7 +6,10 @@ motion and colour that real clips have.
 
 The branch reads the fake network's tokens after its middle block (DMD2 reads the UNet's
 bottleneck); it is part of the fake network, so FSDP2, the optimizer and the checkpoint treat it
-as one of its layers. Both losses are the non-saturating ones of DMD2."""
+as one of its layers. Both losses are the non-saturating ones of DMD2. Its inputs are noised at
+the distribution-matching loss's levels, as in DMD2, so the student samples' logits come from the
+fake score's own pass; --gan-shift gives it levels of its own, at the cost of one more pass to the
+middle block per fake update."""
 
 from __future__ import annotations
 
@@ -82,12 +85,20 @@ def generator_loss(logit_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logit_fake).mean()
 
 
-def fake_update_losses(fake: FakeScore, x0, eps, s, cond, real, real_eps, real_s, real_cond):
-    """The fake network's two losses: flow matching on the student's samples (the fake score) and
-    the classifier's, whose fake logits come from the same pass. -> (flow matching, classifier, stats)."""
+def fake_update_losses(fake: FakeScore, x0, eps, s, cond, real_batch, levels=None):
+    """The fake network's two losses: flow matching on the student's samples at (s, eps) (the fake
+    score), and the classifier's on real clips (real_batch: latents, conditioning, s, eps) against
+    the same samples, noised at levels = (s, eps) of its own or, when None, in the flow-matching
+    pass. -> (flow matching, classifier, stats)."""
     x0 = x0.detach()
-    v, logit_fake = fake(noised(x0, eps, s), s * 1000.0, cond, out="both")
+    if levels is None:
+        v, logit_fake = fake(noised(x0, eps, s), s * 1000.0, cond, out="both")
+    else:
+        v = fake(noised(x0, eps, s), s * 1000.0, cond)
+        s_c, eps_c = levels
+        logit_fake = fake(noised(x0, eps_c, s_c), s_c * 1000.0, cond, out="logit")
     flow = F.mse_loss(v.float(), (eps - x0).float())
+    real, real_cond, real_s, real_eps = real_batch
     logit_real = fake(noised(real, real_eps, real_s), real_s * 1000.0, real_cond, out="logit")
     d = discriminator_loss(logit_real, logit_fake)
     stats = {"gan_d": float(d.detach()), "d_real": float(torch.sigmoid(logit_real.detach()).mean()),

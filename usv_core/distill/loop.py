@@ -131,22 +131,25 @@ class Trainer:
         gen = self.generator(step, role, i)
         cond, uncond, _ = self.data.batch(gen, b, self.device)
         noise = [torch.randn(shape, generator=gen).to(self.device) for _ in range(k + 1)]
-        s, eps = self._renoise(gen, shape)
+        s, eps = self._renoise(gen, shape, cfg.dmd_shift)
         return cond, uncond, StudentDraw(noise, k), s, eps
 
-    def _renoise(self, gen: torch.Generator, shape):
+    def _renoise(self, gen: torch.Generator, shape, shift: float):
         """A noise level s = shift(u) per sample and the noise to take a clean latent there."""
         cfg = self.cfg
         u = cfg.min_t + (cfg.max_t - cfg.min_t) * torch.rand(shape[0], generator=gen, dtype=torch.float64)
-        s = torch.tensor([dmd.shift_time(float(x), cfg.dmd_shift) for x in u], dtype=torch.float32, device=self.device)
+        s = torch.tensor([dmd.shift_time(float(x), shift) for x in u], dtype=torch.float32, device=self.device)
         return s, torch.randn(shape, generator=gen).to(self.device)
 
-    def _real_draw(self, step: int, i: int):
-        """A batch of real clips for the classifier, with their conditioning and re-noising."""
+    def _gan_draw(self, step: int, i: int):
+        """The classifier's inputs of update i (i = fake_updates: the student's): real clips with
+        their conditioning and re-noising, and the re-noising of student samples, None where they
+        share the distribution-matching loss's levels (--gan-shift 0)."""
+        cfg = self.cfg
         gen = self.generator(step, REAL, i)
-        real, cond = self.real.batch(gen, self.cfg.batch)
-        s, eps = self._renoise(gen, real.shape)
-        return real, cond, s, eps
+        real, cond = self.real.batch(gen, cfg.batch)
+        real_batch = (real, cond, *self._renoise(gen, real.shape, cfg.gan_shift or cfg.dmd_shift))
+        return real_batch, (self._renoise(gen, real.shape, cfg.gan_shift) if cfg.gan_shift else None)
 
     def sparsity_at(self, i: int):
         return DENSE if i < self.sparsity.dense_steps else self.sparsity
@@ -165,8 +168,7 @@ class Trainer:
             if self.real is None:
                 flow = loss = fake_score_loss(self.fake, x0, eps, s, cond)
             else:
-                real, real_cond, real_s, real_eps = self._real_draw(step, i)
-                flow, d, stats = fake_update_losses(self.fake, x0, eps, s, cond, real, real_eps, real_s, real_cond)
+                flow, d, stats = fake_update_losses(self.fake, x0, eps, s, cond, *self._gan_draw(step, i))
                 loss = flow + self.cfg.gan_d_weight * d
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,7 +186,9 @@ class Trainer:
             loss = dmd_loss(x0, grad)
             stats["dmd"] = float(loss.detach())
             if self.real is not None:
-                gan = student_gan_loss(self.fake, x0, eps, s, cond)
+                _, levels = self._gan_draw(step, self.cfg.fake_updates)
+                gan_s, gan_eps = levels or (s, eps)
+                gan = student_gan_loss(self.fake, x0, gan_eps, gan_s, cond)
                 stats["gan_g"] = float(gan.detach())
                 loss = loss + self.cfg.gan * gan
         stats.update(student_step=draw.step, sigma=float(s.mean()))
