@@ -44,14 +44,22 @@ WAN_LAYERS = 30
 
 
 def student_options(name: str) -> tuple[list[str], tuple[float, float]]:
-    """A STUDENTS name, optionally with "+gan" or "+gan<weight>" (DMD2's GAN term on real clips)
-    -> (distillation options, the sparsity it is trained at and scored with)."""
-    base, gan, weight = name.partition("+gan")
-    if base not in STUDENTS or (gan and weight and not re.fullmatch(r"[0-9.]+(e-?[0-9]+)?", weight)):
-        raise SystemExit(f"--students: unknown {name!r}; choose from {', '.join(STUDENTS)}, each optionally "
-                         f"with +gan (weight {GAN_WEIGHT:g}) or +gan<weight>")
-    options, sparsity = STUDENTS[base]
-    return options + (["--gan", weight or str(GAN_WEIGHT)] if gan else []), sparsity
+    """A STUDENTS name, optionally with DMD2's GAN term on real clips: "+gan" (weight GAN_WEIGHT) or
+    "+gan<weight>", and "+ganshift<shift>" for the classifier's own noise levels (e.g.
+    "keep0.2+gan0.01+ganshift1") -> (distillation options, the sparsity it is trained at and scored with)."""
+    refusal = SystemExit(f"--students: unknown {name!r}; choose from {', '.join(STUDENTS)}, each optionally "
+                         f"with +gan (weight {GAN_WEIGHT:g}) or +gan<weight>, and then +ganshift<shift>")
+    parts = name.split("+")
+    base = "+".join(p for p in parts if not p.startswith("gan"))
+    options = []
+    for p in (p for p in parts if p.startswith("gan")):
+        m = re.fullmatch(r"gan(shift)?([0-9.]+(?:e-?[0-9]+)?)?", p)
+        if not m or (m.group(1) and not m.group(2)):
+            raise refusal
+        options += ["--gan-shift", m.group(2)] if m.group(1) else ["--gan", m.group(2) or str(GAN_WEIGHT)]
+    if base not in STUDENTS or ("--gan-shift" in options and "--gan" not in options):
+        raise refusal
+    return STUDENTS[base][0] + options, STUDENTS[base][1]
 
 
 def setting_name(keep: float, merge: float) -> str:
@@ -110,7 +118,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
     p.add_argument("--students", default=",".join(STUDENTS),
-                   help=f"which to distil and score, of {', '.join(STUDENTS)}, each optionally with +gan or +gan<weight>")
+                   help=f"which to distil and score, of {', '.join(STUDENTS)}, each optionally with +gan or "
+                        "+gan<weight> (DMD2's GAN term) and +ganshift<shift>")
     p.add_argument("--seconds", type=float, default=420, help="--stop-after of every distillation (they run at once)")
     p.add_argument("--distill-args", default="", help="more options for every distillation, e.g. '--lr 1e-4'")
     p.add_argument("--score-only", action="store_true")
