@@ -1,8 +1,8 @@
 """DMD2's GAN term: the fake-score network gets a classification branch that tells noised real
 clips from noised student samples, and the student is also pulled towards what that branch calls
 real. On USV World real clips cost nothing (the world renders them), so the student can learn
-from the data the teacher was trained on and not only from the teacher, whose samples lack the
-motion and colour that real clips have.
+from the data the teacher was trained on and not only from the teacher, whose samples miss some
+of the colour and motion that real clips always have.
 
 The branch reads the fake network's tokens after its middle block (DMD2 reads the UNet's
 bottleneck); it is part of the fake network, so FSDP2, the optimizer and the checkpoint treat it
