@@ -365,6 +365,22 @@ def sweep(results):
         if times:
             best[kind] = min(times.values(), key=lambda tc: tc[0])[1]
             ops.set_kernel_config(**{kind: best[kind]})
+    # the dk/dv kernel on its own config, the dq kernel on the best shared one
+    o, lse = torch.ops.usv.bsa_fwd(q, k, v, idx, cnt, lay.token_table, lay.block_sizes, lay.block, True, D ** -0.5)
+    times = {}
+    for w, s in [(0, 0), (8, 2), (8, 3), (4, 2)]:
+        c = {"num_warps": w, "num_stages": s} if w else {}
+        ops.set_kernel_config(bwd_dkdv=c)
+        try:
+            t = timeit(lambda: torch.ops.usv.bsa_bwd(dout, q, k, v, o, lse, idx, cnt, lay.token_table,
+                                                     lay.block_sizes, lay.block, True, D ** -0.5))
+        except Exception as e:
+            print(f"sweep bwd_dkdv {c}: {type(e).__name__} {str(e)[:200]}", flush=True)
+            continue
+        times[(w, s)] = (t, c)
+        record(results, "sweep", f"bwd dk/dv warps={w} stages={s}" if w else "bwd dk/dv as dq", ms=t)
+    best["bwd_dkdv"] = min(times.values(), key=lambda tc: tc[0])[1]
+    ops.set_kernel_config(bwd_dkdv=best["bwd_dkdv"])
     # Where the forward reads key tiles: gathered through the token table, or from the block-ordered
     # copies the pooling pass writes (plain loads, or TMA through tensor descriptors). Timed whole,
     # selection included, since the copies move work into it.
@@ -419,7 +435,8 @@ def main():
         # after every shape, so a run cut short still leaves its numbers
         doc = dict(card=card, torch=torch.__version__, triton=triton.__version__, dtype="bfloat16",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   kernel_config=dict(fwd=dict(ops._FWD_CONFIG), bwd=dict(ops._BWD_CONFIG), kv=ops._FWD_KV),
+                   kernel_config=dict(fwd=dict(ops._FWD_CONFIG), bwd=dict(ops._BWD_CONFIG), kv=ops._FWD_KV,
+                                      bwd_dkdv=dict(ops._BWD_DKDV_CONFIG)),
                    sweep_best=best,
                    checks=checks, results=results)
         for d in filter(None, [os.path.join(ROOT, "bench", "results") if not args.smoke else "", args.out]):

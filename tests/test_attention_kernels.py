@@ -157,7 +157,14 @@ def test_list_transposition_matches_the_mask(C, kmax):
     assert (lengths[..., :-1] >= lengths[..., 1:]).all()
 
 
-def test_gradients_match_autograd_through_reference():
+@pytest.fixture(params=[{}, {"num_warps": 8, "num_stages": 2}], ids=["dkdv-as-dq", "dkdv-8-warps"])
+def dkdv_config(request):
+    ops.set_kernel_config(bwd_dkdv=request.param)
+    yield request.param
+    ops.set_kernel_config(bwd_dkdv={})
+
+
+def test_gradients_match_autograd_through_reference(dkdv_config):
     grid = (5, 6, 10)
     N = math.prod(grid)
     # bf16-representable inputs: both sides must see the same values to pick the same blocks

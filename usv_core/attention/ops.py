@@ -29,6 +29,10 @@ _FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H200 sweep: bench/at
 # "rows" elsewhere). Not yet timed against each other on a GPU: bench/attention.py --sweep does.
 _FWD_KV = "table"
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
+# the dk/dv kernel's own launch config where it differs from the dq kernel's (empty: the same);
+# statically, dk/dv spills registers at 4 warps on every card and dq only off Hopper
+# (bench/kernel_resources.py), so the sweep times them apart
+_BWD_DKDV_CONFIG: dict = {}
 _SCORE_PRECISION = None  # None: by device (_score_precision); the benchmark sets "ieee" or "tf32x3"
 
 
@@ -43,14 +47,18 @@ def _new(shape, dtype, device):
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
 
 
-def set_kernel_config(fwd=None, bwd=None, kv=None):
-    """Override launch parameters (num_warps, num_stages; KB = key blocks per forward step) and
-    the forward's key-tile source (kv: "table", "rows" or "tma"); used by the benchmark's sweep."""
+def set_kernel_config(fwd=None, bwd=None, kv=None, bwd_dkdv=None):
+    """Override launch parameters (num_warps, num_stages; KB = key blocks per forward step), the
+    forward's key-tile source (kv: "table", "rows" or "tma") and the dk/dv kernel's own launch
+    parameters (bwd_dkdv; {} clears them: it then takes bwd's); used by the benchmark's sweep."""
     global _FWD_KV
     if fwd:
         _FWD_CONFIG.update(fwd)
     if bwd:
         _BWD_CONFIG.update(bwd)
+    if bwd_dkdv is not None:
+        _BWD_DKDV_CONFIG.clear()
+        _BWD_DKDV_CONFIG.update(bwd_dkdv)
     if kv is not None:
         if kv not in ("table", "rows", "tma"):
             raise ValueError(f"kv must be 'table', 'rows' or 'tma', got {kv!r}")
@@ -228,7 +236,7 @@ def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, sca
     dv = _new(q.shape, q.dtype, q.device)
     delta = _new((B, H, N), torch.float32, q.device)
     tab = table if use_table else _empty(q.device)
-    common = dict(HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, DOT_F32=_interpreting(), **_BWD_CONFIG)
+    common = dict(HEAD_DIM=D, BLOCK=block, USE_TABLE=use_table, DOT_F32=_interpreting())
     strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -237,13 +245,13 @@ def _bwd_impl(do, q, k, v, o, lse, idx, cnt, table, sizes, block, use_table, sca
     )
     bwd_mod.bsa_bwd_dq_kernel[(nb, B * H)](
         q, k, v, o, do, dq, lse, delta, idx, cnt, tab, sizes, *strides,
-        H, nb, N, idx.shape[-1], scale * _LOG2E, scale, **common,
+        H, nb, N, idx.shape[-1], scale * _LOG2E, scale, **common, **_BWD_CONFIG,
     )
     qidx, qcnt, order = transpose_lists(idx, cnt, nb)
     bwd_mod.bsa_bwd_dkdv_kernel[(nb, B * H)](
         q, k, v, do, dk, dv, lse, delta, qidx, qcnt, order, tab, sizes, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2),
-        H, nb, N, qidx.shape[-1], scale * _LOG2E, scale, **common,
+        H, nb, N, qidx.shape[-1], scale * _LOG2E, scale, **common, **{**_BWD_CONFIG, **_BWD_DKDV_CONFIG},
     )
     return dq, dk, dv
 
