@@ -169,7 +169,7 @@ def compile_one(fn, signature, constexprs, attrs, options, target) -> dict:
     kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     limit = TARGETS[target.arch][1]
     named = {fn.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
-    return {"kernel": fn.__name__, "constexprs": {k: v for k, v in named.items() if not isinstance(v, (type(None),))},
+    return {"kernel": fn.__name__, "constexprs": {k: v for k, v in named.items() if v is not None},
             "num_warps": options.num_warps, "num_stages": options.num_stages,
             "shared_bytes": int(kernel.metadata.shared), "shared_limit": limit,
             "fits": int(kernel.metadata.shared) <= limit, **resources(kernel.asm["cubin"])}

@@ -6,6 +6,7 @@ its own process: the suite's interpreter would run the kernels instead), and mus
 shared memory than that card has: over the limit, it would fail at its first launch on a card we
 cannot test on."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +14,12 @@ import sys
 
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import kernel_resources as kr  # noqa: E402
+SCRIPT = os.path.join(ROOT, "bench", "kernel_resources.py")
+_spec = importlib.util.spec_from_file_location("kernel_resources", SCRIPT)
+kr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kr)
 
 KERNELS = {"pool_kernel", "scores_kernel", "select_kernel", "bsa_fwd_kernel", "bsa_bwd_dq_kernel",
            "bsa_bwd_dkdv_kernel", "scatter_kernel", "compact_kernel", "rms_silu_kernel"}
@@ -28,7 +31,7 @@ def report(tmp_path_factory):
         pytest.skip("this triton has no bundled CUDA tools (ptxas, cuobjdump) to compile with")
     path = tmp_path_factory.mktemp("kernels") / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"), "--json", str(path)],
+    p = subprocess.run([sys.executable, SCRIPT, "--json", str(path)],
                        env=env, capture_output=True, text=True, timeout=900)
     assert path.exists(), p.stdout[-3000:] + p.stderr[-3000:]
     return p.returncode, p.stdout, json.loads(path.read_text())["rows"]
