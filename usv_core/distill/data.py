@@ -66,7 +66,7 @@ class RealClips:
     Drawn from gen, so a resumed run rebuilds the same set instead of storing it."""
 
     def __init__(self, vae: WanVAE, captions: WorldCaptions, n: int, frames: int, size: int, gen: torch.Generator,
-                 device, chunk: int = 16):
+                 device, chunk: int = 16, progress=None):
         seeds = torch.randint(0, EVAL_SEED, (n,), generator=gen).tolist()
         vae = vae.to(device)
         latents, prompts = [], []
@@ -77,6 +77,8 @@ class RealClips:
                     z = vae.encode(clips.permute(0, 4, 1, 2, 3) * 2 - 1).float()
                 latents.append(latent_norm(z).to(torch.bfloat16))
                 prompts += caps
+                if progress:
+                    progress(len(prompts), n)
             self.cond = captions.encoder.encode(prompts, warn=False).to(device)
         self.latents = torch.cat(latents)
 

@@ -55,15 +55,7 @@ class Trainer:
             self.data = WorldCaptions.tiny(cfg.seed)
         else:
             self.data = WorldCaptions.from_file(cfg.text_path())
-        self.real = None
-        if cfg.gan:
-            t0 = time.time()
-            if d.main:
-                print(f"distill: encoding {cfg.gan_clips} real clips for the GAN term", flush=True)
-            self.real = RealClips(load_vae(cfg.vae_path()), self.data, cfg.gan_clips, cfg.frames, cfg.size,
-                                  self.generator(0, REAL_SET), self.device)
-            if d.main:
-                print(f"distill: real clips encoded in {time.time() - t0:.1f} s", flush=True)
+        self.real = self._real_clips() if cfg.gan else None
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
         if cfg.activation_checkpointing:
@@ -77,6 +69,24 @@ class Trainer:
         self.step, self.seconds = 0, 0.0
         if os.path.exists(cfg.ckpt):
             self._resume()
+
+    def _real_clips(self) -> RealClips:
+        """The GAN term's real clips, encoded once, with a line every 30 s (minutes on a CPU)."""
+        cfg, main = self.cfg, self.d.main
+        t0, last = time.time(), [time.time()]
+
+        def progress(done, n):
+            if main and time.time() - last[0] > 30:
+                last[0] = time.time()
+                print(f"distill: {done}/{n} real clips encoded", flush=True)
+
+        if main:
+            print(f"distill: encoding {cfg.gan_clips} real clips for the GAN term", flush=True)
+        real = RealClips(load_vae(cfg.vae_path()), self.data, cfg.gan_clips, cfg.frames, cfg.size,
+                         self.generator(0, REAL_SET), self.device, progress=progress)
+        if main:
+            print(f"distill: real clips encoded in {time.time() - t0:.1f} s", flush=True)
+        return real
 
     # --- state ----------------------------------------------------------------------------
 
