@@ -9,6 +9,7 @@ CUDA driver are needed, so the consumer cards (RTX 30 / 40 / 50) get the same ch
 
     python3 bench/kernel_resources.py                      # every shape and target, a table
     python3 bench/kernel_resources.py --json bench/results/kernel_resources.json
+    python3 bench/kernel_resources.py --shapes wan-480p --config '{"bwd": {"num_warps": 8, "num_stages": 2}}'
 
 Registers and spills say nothing about speed on their own; bench/attention.py times.
 """
@@ -187,8 +188,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--cc", default=",".join(str(c) for c in TARGETS), help="compute capabilities to compile for")
+    p.add_argument("--config", default="", help="launch configs as JSON for ops.set_kernel_config, as in "
+                   "bench/attention.py, e.g. '{\"bwd\": {\"num_warps\": 8, \"num_stages\": 2}}'")
     p.add_argument("--json", default="")
     a = p.parse_args()
+    if a.config:
+        from usv_core.attention import ops
+
+        ops.set_kernel_config(**json.loads(a.config))
     archs = [int(c) for c in a.cc.split(",")]
     unknown = [c for c in archs if c not in TARGETS]
     if unknown:
