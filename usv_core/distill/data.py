@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from ..world.evaluate import EVAL_SEED, autocast
+from ..world.evaluate import EVAL_SEED, autocast, to_video
 from ..world.scene import make_batch, sample_scene
 from ..world.text import CaptionEncoder
 from ..world.vae import WanVAE, latent_norm
@@ -74,7 +74,7 @@ class RealClips:
             for i in range(0, n, chunk):
                 clips, caps = make_batch(seeds[i : i + chunk], size=size, frames=frames, device=device)
                 with autocast(torch.device(device)):
-                    z = vae.encode(clips.permute(0, 4, 1, 2, 3) * 2 - 1).float()
+                    z = vae.encode(to_video(clips)).float()
                 latents.append(latent_norm(z).to(torch.bfloat16))
                 prompts += caps
                 if progress:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..world.dit import WanDiT
 from ..world.weights import dit_config
-from .losses import noised
+from .losses import noised, velocity_loss
 
 
 class Classifier(nn.Module):
@@ -97,7 +97,7 @@ def fake_update_losses(fake: FakeScore, x0, eps, s, cond, real_batch, levels=Non
         v = fake(noised(x0, eps, s), s * 1000.0, cond)
         s_c, eps_c = levels
         logit_fake = fake(noised(x0, eps_c, s_c), s_c * 1000.0, cond, out="logit")
-    flow = F.mse_loss(v.float(), (eps - x0).float())
+    flow = velocity_loss(v, x0, eps)
     real, real_cond, real_s, real_eps = real_batch
     logit_real = fake(noised(real, real_eps, real_s), real_s * 1000.0, real_cond, out="logit")
     d = discriminator_loss(logit_real, logit_fake)

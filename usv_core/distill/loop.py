@@ -152,14 +152,17 @@ class Trainer:
         return s, torch.randn(shape, generator=gen).to(self.device)
 
     def _gan_draw(self, step: int, i: int):
-        """The classifier's inputs of update i (i = fake_updates: the student's): real clips with
-        their conditioning and re-noising, and the re-noising of student samples, None where they
-        share the distribution-matching loss's levels (--gan-shift 0)."""
-        cfg = self.cfg
+        """Fake update i's classifier inputs: real clips with their conditioning and re-noising,
+        and the classifier's own re-noising of student samples (None: see _gan_levels)."""
         gen = self.generator(step, REAL, i)
-        real, cond = self.real.batch(gen, cfg.batch)
-        real_batch = (real, cond, *self._renoise(gen, real.shape, cfg.gan_shift or cfg.dmd_shift))
-        return real_batch, (self._renoise(gen, real.shape, cfg.gan_shift) if cfg.gan_shift else None)
+        real, cond = self.real.batch(gen, self.cfg.batch)
+        real_batch = (real, cond, *self._renoise(gen, real.shape, self.cfg.gan_shift or self.cfg.dmd_shift))
+        return real_batch, self._gan_levels(gen, real.shape)
+
+    def _gan_levels(self, gen: torch.Generator, shape):
+        """The classifier's own re-noising of student samples; None where it shares the
+        distribution-matching loss's levels (--gan-shift 0)."""
+        return self._renoise(gen, shape, self.cfg.gan_shift) if self.cfg.gan_shift else None
 
     def sparsity_at(self, i: int):
         return DENSE if i < self.sparsity.dense_steps else self.sparsity
@@ -196,7 +199,7 @@ class Trainer:
             loss = dmd_loss(x0, grad)
             stats["dmd"] = float(loss.detach())
             if self.real is not None:
-                _, levels = self._gan_draw(step, self.cfg.fake_updates)
+                levels = self._gan_levels(self.generator(step, REAL, self.cfg.fake_updates), x0.shape)
                 gan_s, gan_eps = levels or (s, eps)
                 gan = student_gan_loss(self.fake, x0, gan_eps, gan_s, cond)
                 stats["gan_g"] = float(gan.detach())

@@ -84,9 +84,12 @@ def dmd_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0.float(), target.float())
 
 
+def velocity_loss(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Flow matching's loss: the velocity noise - x0 of x_s = (1 - s) x0 + s noise."""
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
 def fake_score_loss(fake, x0, noise, s, cond) -> torch.Tensor:
     """Flow matching on the student's samples (x0 carries no gradient)."""
     x0 = x0.detach()
-    x_s = noised(x0, noise, s)
-    v = fake(x_s, s * 1000.0, cond)
-    return F.mse_loss(v.float(), (noise - x0).float())
+    return velocity_loss(fake(noised(x0, noise, s), s * 1000.0, cond), x0, noise)

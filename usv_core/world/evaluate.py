@@ -23,6 +23,11 @@ def held_out_prompts(n: int) -> list[str]:
     return [make_batch([EVAL_SEED + i], size=16, frames=1)[1][0] for i in range(n)]
 
 
+def to_video(clips: torch.Tensor) -> torch.Tensor:
+    """(B, F, H, W, 3) in [0, 1] -> (B, 3, F, H, W) in [-1, 1], the VAE's input."""
+    return clips.permute(0, 4, 1, 2, 3) * 2 - 1
+
+
 def from_video(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) in [0, 1], float32."""
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)

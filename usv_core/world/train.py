@@ -57,11 +57,6 @@ def cosine_lr(base: float, frac: float, step: int, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def to_video(clips: torch.Tensor) -> torch.Tensor:
-    """(B, F, H, W, 3) in [0, 1] -> (B, 3, F, H, W) in [-1, 1], the VAE's input."""
-    return clips.permute(0, 4, 1, 2, 3) * 2 - 1
-
-
 def out_of_time(a) -> bool:
     return a.stop_after > 0 and time.time() - START > a.stop_after
 
@@ -103,7 +98,7 @@ def train_vae(a, dev, rng, curves, ckpt: str) -> WanVAE:
         obj = ((clips - bg).abs().sum(-1) > 0.05).float()
         obj = F.max_pool2d(obj.flatten(0, 1)[:, None], 3, 1, 1).view(obj.shape)
         weight = (1 + a.object_weight * obj)[:, None]
-        x = to_video(clips)
+        x = ev.to_video(clips)
         with ev.autocast(dev):
             z = vae.encode(x)
             # Decoding slightly perturbed latents makes the decoder forgive a DiT's small errors.
@@ -129,7 +124,7 @@ def encode_clips(vae: WanVAE, seeds, a, dev) -> tuple[torch.Tensor, list[str]]:
     for i in range(0, len(seeds), a.encode_batch):
         clips, c = make_batch(seeds[i : i + a.encode_batch], size=a.size, frames=a.frames, device=dev)
         with ev.autocast(dev):
-            lat.append(vae.encode(to_video(clips)).float())
+            lat.append(vae.encode(ev.to_video(clips)).float())
         caps += c
     return torch.cat(lat), caps
 
@@ -164,7 +159,7 @@ def vae_round_trip(vae, a, dev) -> dict:
         for i in range(0, n, 8):
             clips, caps = make_batch(seeds[i : i + 8], size=a.size, frames=a.frames, device=dev)
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cast):
-                rec = ev.from_video(vae.decode(vae.encode(to_video(clips)))).cpu()
+                rec = ev.from_video(vae.decode(vae.encode(ev.to_video(clips)))).cpu()
             clips = clips.cpu()
             mse = ((rec - clips) ** 2).mean(dim=(2, 3, 4))
             per_frame.append(mse)
