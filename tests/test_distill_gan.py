@@ -37,6 +37,7 @@ def test_the_classifier_learns_real_clips_from_the_students_samples(tmp_path, le
     own = tr._gan_draw(0, 0)[1]
     assert (own is None) == (not levels)  # by default the samples' logits come from the fake score's pass
     stats = [tr.fake_step(step=0, i=0)[1] for _ in range(12)]  # one fixed batch of each
+    stats = [{k: float(v) for k, v in st.items()} for st in stats]
     assert stats[0]["d_real"] == pytest.approx(0.5) and stats[0]["d_fake"] == pytest.approx(0.5)  # starts undecided
     d = [s["gan_d"] for s in stats]
     assert all(b < a for a, b in zip(d, d[1:])) and d[-1] < 0.97 * d[0], d

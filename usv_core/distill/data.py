@@ -18,6 +18,14 @@ from ..world.vae import WanVAE, latent_norm
 from ..world.weights import load_text
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto the device without waiting for the GPU: a plain copy from pageable
+    memory synchronises the stream, and a step makes dozens of them."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class WorldCaptions:
     """Captions of training scenes (seeds below EVAL_SEED, so held-out prompts stay held out)."""
 
@@ -41,7 +49,7 @@ class WorldCaptions:
         prompts = [sample_scene(s).caption for s in seeds]
         with torch.no_grad():
             cond = self.encoder.encode(prompts, warn=False)
-        return cond.to(device), self._uncond.expand(n, -1, -1).to(device), prompts
+        return to_device(cond, device), to_device(self._uncond, device).expand(n, -1, -1), prompts
 
 
 class Embeddings:
@@ -57,7 +65,8 @@ class Embeddings:
 
     def batch(self, gen: torch.Generator, n: int, device):
         idx = torch.randint(0, self.cond.shape[0], (n,), generator=gen)
-        return self.cond[idx].to(device), self.uncond_one.expand(n, -1, -1).to(device), [f"#{i}" for i in idx.tolist()]
+        return (to_device(self.cond[idx], device), to_device(self.uncond_one, device).expand(n, -1, -1),
+                [f"#{i}" for i in idx.tolist()])
 
 
 class RealClips:
@@ -86,5 +95,5 @@ class RealClips:
         return self.latents.shape[0]
 
     def batch(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self), (n,), generator=gen).to(self.latents.device)
+        idx = to_device(torch.randint(0, len(self), (n,), generator=gen), self.latents.device)
         return self.latents[idx].float(), self.cond[idx]

@@ -89,7 +89,7 @@ def fake_update_losses(fake: FakeScore, x0, eps, s, cond, real_batch, levels=Non
     """The fake network's two losses: flow matching on the student's samples at (s, eps) (the fake
     score), and the classifier's on real clips (real_batch: latents, conditioning, s, eps) against
     the same samples, noised at levels = (s, eps) of its own or, when None, in the flow-matching
-    pass. -> (flow matching, classifier, stats)."""
+    pass. -> (flow matching, classifier, stats as 0-d tensors)."""
     x0 = x0.detach()
     if levels is None:
         v, logit_fake = fake(noised(x0, eps, s), s * 1000.0, cond, out="both")
@@ -101,8 +101,8 @@ def fake_update_losses(fake: FakeScore, x0, eps, s, cond, real_batch, levels=Non
     real, real_cond, real_s, real_eps = real_batch
     logit_real = fake(noised(real, real_eps, real_s), real_s * 1000.0, real_cond, out="logit")
     d = discriminator_loss(logit_real, logit_fake)
-    stats = {"gan_d": float(d.detach()), "d_real": float(torch.sigmoid(logit_real.detach()).mean()),
-             "d_fake": float(torch.sigmoid(logit_fake.detach()).mean())}
+    stats = {"gan_d": d.detach(), "d_real": torch.sigmoid(logit_real.detach()).mean(),
+             "d_fake": torch.sigmoid(logit_fake.detach()).mean()}
     return flow, d, stats
 
 

@@ -19,7 +19,7 @@ from .. import dmd
 from ..world.weights import load_vae
 from . import checkpoint, export
 from .config import Config
-from .data import Embeddings, RealClips, WorldCaptions
+from .data import Embeddings, RealClips, WorldCaptions, to_device
 from .dist import Dist, checkpoint_blocks, shard
 from .gan import fake_update_losses, student_gan_loss
 from .losses import StudentDraw, dmd_gradient, dmd_loss, fake_score_loss, student_sample
@@ -27,14 +27,19 @@ from .models import build, read_wan_state
 from .student import DENSE
 
 FAKE, STUDENT, REAL, REAL_SET = 1, 2, 3, 4
+NOISE = 5  # the stream of a draw's device-side noise
 SHARED = 2**31  # the "rank" of draws every process makes alike
 STUDENT_FILE = "student_dit.safetensors"
 LORA_FILE = "student_lora.safetensors"
 LOG_FILE = "log.jsonl"
 
 
-def _norm(value) -> float:
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+def read_scalars(values: dict) -> dict[str, float]:
+    """0-d tensors (sharded ones too) and numbers -> floats, with one device sync for all."""
+    tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float()
+               for k, v in values.items() if isinstance(v, torch.Tensor)}
+    read = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
+    return {k: read[k] if k in read else float(v) for k, v in values.items()}
 
 
 class Trainer:
@@ -126,10 +131,17 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------
 
-    def generator(self, step: int, role: int, i: int = 0, rank: int | None = None) -> torch.Generator:
+    def generator(self, step: int, role: int, i: int = 0, rank: int | None = None, noise: bool = False) -> torch.Generator:
+        """The host generator of a draw; with noise, the draw's generator on the training device,
+        for its latent-sized noise: drawn on the host and copied, that noise would cost more host
+        time than the step's kernel launches, and every copy would stall the GPU's queue."""
         rank = self.d.rank if rank is None else rank
-        seed = int(np.random.SeedSequence([self.cfg.seed, step, rank, role, i]).generate_state(1)[0])
-        return torch.Generator().manual_seed(seed)
+        words = [self.cfg.seed, step, rank, role, i] + ([NOISE] if noise else [])
+        seed = int(np.random.SeedSequence(words).generate_state(1)[0])
+        return torch.Generator(self.device if noise else "cpu").manual_seed(seed)
+
+    def _noise(self, gen: torch.Generator, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=self.device)
 
     def _draw(self, step: int, role: int, i: int = 0):
         """Conditioning, the student's draw, and the re-noising (noise, s) of its sample."""
@@ -138,31 +150,31 @@ class Trainer:
         # The schedule step is shared by all processes: it sets how many forwards the step runs,
         # and sharded models gather their weights once per forward on every process together.
         k = int(torch.randint(0, len(self.sigmas) - 1, (1,), generator=self.generator(step, role, i, rank=SHARED)))
-        gen = self.generator(step, role, i)
+        gen, ngen = self.generator(step, role, i), self.generator(step, role, i, noise=True)
         cond, uncond, _ = self.data.batch(gen, b, self.device)
-        noise = [torch.randn(shape, generator=gen).to(self.device) for _ in range(k + 1)]
-        s, eps = self._renoise(gen, shape, cfg.dmd_shift)
+        noise = [self._noise(ngen, shape) for _ in range(k + 1)]
+        s, eps = self._renoise(gen, ngen, shape, cfg.dmd_shift)
         return cond, uncond, StudentDraw(noise, k), s, eps
 
-    def _renoise(self, gen: torch.Generator, shape, shift: float):
+    def _renoise(self, gen: torch.Generator, ngen: torch.Generator, shape, shift: float):
         """A noise level s = shift(u) per sample and the noise to take a clean latent there."""
         cfg = self.cfg
         u = cfg.min_t + (cfg.max_t - cfg.min_t) * torch.rand(shape[0], generator=gen, dtype=torch.float64)
-        s = torch.tensor([dmd.shift_time(float(x), shift) for x in u], dtype=torch.float32, device=self.device)
-        return s, torch.randn(shape, generator=gen).to(self.device)
+        s = to_device(torch.tensor([dmd.shift_time(float(x), shift) for x in u], dtype=torch.float32), self.device)
+        return s, self._noise(ngen, shape)
 
     def _gan_draw(self, step: int, i: int):
         """Fake update i's classifier inputs: real clips with their conditioning and re-noising,
         and the classifier's own re-noising of student samples (None: see _gan_levels)."""
-        gen = self.generator(step, REAL, i)
+        gen, ngen = self.generator(step, REAL, i), self.generator(step, REAL, i, noise=True)
         real, cond = self.real.batch(gen, self.cfg.batch)
-        real_batch = (real, cond, *self._renoise(gen, real.shape, self.cfg.gan_shift or self.cfg.dmd_shift))
-        return real_batch, self._gan_levels(gen, real.shape)
+        real_batch = (real, cond, *self._renoise(gen, ngen, real.shape, self.cfg.gan_shift or self.cfg.dmd_shift))
+        return real_batch, self._gan_levels(gen, ngen, real.shape)
 
-    def _gan_levels(self, gen: torch.Generator, shape):
+    def _gan_levels(self, gen: torch.Generator, ngen: torch.Generator, shape):
         """The classifier's own re-noising of student samples; None where it shares the
         distribution-matching loss's levels (--gan-shift 0)."""
-        return self._renoise(gen, shape, self.cfg.gan_shift) if self.cfg.gan_shift else None
+        return self._renoise(gen, ngen, shape, self.cfg.gan_shift) if self.cfg.gan_shift else None
 
     def sparsity_at(self, i: int):
         return DENSE if i < self.sparsity.dense_steps else self.sparsity
@@ -172,8 +184,9 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def fake_step(self, step: int, i: int) -> tuple[float, dict]:
-        """One update of the fake network: (its flow-matching loss, the GAN classifier's stats)."""
+    def fake_step(self, step: int, i: int) -> tuple[torch.Tensor, dict]:
+        """One update of the fake network: (its flow-matching loss, the GAN classifier's stats), as
+        0-d tensors that train_step reads once per step."""
         cond, _, draw, s, eps = self._draw(step, FAKE, i)
         stats = {}
         with self._autocast():
@@ -187,7 +200,7 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.cfg.grad_clip)
         self.opt_fake.step()
-        return float(flow.detach()), stats
+        return flow.detach(), stats
 
     def student_loss(self, step: int):
         """(the student's loss with its graph: the DMD surrogate, plus the GAN term when it is on; the
@@ -197,29 +210,29 @@ class Trainer:
             x0 = student_sample(self.student, draw, self.sigmas, cond, self.sparsity_at, grad=True)
             grad, stats = dmd_gradient(self.teacher, self.fake, x0, eps, s, cond, uncond, self.cfg.cfg)
             loss = dmd_loss(x0, grad)
-            stats["dmd"] = float(loss.detach())
+            stats["dmd"] = loss.detach()
             if self.real is not None:
-                levels = self._gan_levels(self.generator(step, REAL, self.cfg.fake_updates), x0.shape)
+                i = self.cfg.fake_updates
+                levels = self._gan_levels(self.generator(step, REAL, i), self.generator(step, REAL, i, noise=True), x0.shape)
                 gan_s, gan_eps = levels or (s, eps)
                 gan = student_gan_loss(self.fake, x0, gan_eps, gan_s, cond)
-                stats["gan_g"] = float(gan.detach())
+                stats["gan_g"] = gan.detach()
                 loss = loss + self.cfg.gan * gan
-        stats.update(student_step=draw.step, sigma=float(s.mean()))
+        stats.update(student_step=draw.step, sigma=s.mean())
         return loss, x0, (x0 - grad).detach(), stats
 
     def train_step(self) -> dict:
         t0 = time.time()
         fakes = [self.fake_step(self.step, i) for i in range(self.cfg.fake_updates)]
-        fake_losses = [f for f, _ in fakes]
-        gan_stats = {k: float(np.mean([st[k] for _, st in fakes])) for k in (fakes[0][1] if fakes else {})}
         loss, _, _, stats = self.student_loss(self.step)
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt_student.step()
-        out = {"fake": float(np.mean(fake_losses)) if fake_losses else 0.0,
-               "grad_norm": _norm(gnorm), **gan_stats, **stats}
-        out = self.d.mean(out)
+        out = {"fake": torch.stack([f for f, _ in fakes]).mean() if fakes else 0.0, "grad_norm": gnorm,
+               **{k: torch.stack([st[k] for _, st in fakes]).mean() for k in (fakes[0][1] if fakes else {})},
+               **stats}
+        out = self.d.mean(read_scalars(out))
         out["student_step"] = int(round(out["student_step"]))
         self.step += 1
         out["step"], out["step_seconds"] = self.step, time.time() - t0

@@ -67,14 +67,15 @@ def student_sample(student, draw: StudentDraw, sigmas: list[float], cond, sparsi
 
 
 def dmd_gradient(teacher, fake, x0, noise, s, cond, uncond, cfg: float) -> tuple[torch.Tensor, dict]:
-    """(fake - real) / mean|x0 - real| per sample: the distribution-matching direction (no grad)."""
+    """(fake - real) / mean|x0 - real| per sample: the distribution-matching direction (no grad),
+    and stats as 0-d tensors (read at the end of the step: a read here would stall the GPU's queue)."""
     with torch.no_grad():
         x_s = noised(x0, noise, s)
         real = x0_from_velocity(x_s, s, guided_velocity(teacher, x_s, s, cond, uncond, cfg).to(x0.dtype))
         fake_x0 = x0_from_velocity(x_s, s, fake(x_s, s * 1000.0, cond).to(x0.dtype))
         weight = (x0 - real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True).clamp_min(1e-6)
         grad = torch.nan_to_num((fake_x0 - real) / weight)
-        stats = {"real_gap": float((x0 - real).abs().mean()), "fake_gap": float((fake_x0 - real).abs().mean())}
+        stats = {"real_gap": (x0 - real).abs().mean(), "fake_gap": (fake_x0 - real).abs().mean()}
     return grad, stats
 
 
