@@ -6,6 +6,7 @@ Every check draws fresh random inputs and starts kernel outputs as NaN (ops.POIS
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -118,6 +119,32 @@ def test_every_key_tile_source_matches_the_reference(kv_source, pack_edges):
     q, k, v = (rand(1, 2, int(sizes.sum()), 128, dtype=torch.float16) for _ in range(3))
     out, ref = both(vsa_attention_blocked, q, k, v, sizes, 0.4)
     assert rel_l2(out, ref) <= 1e-2
+
+
+def test_without_memory_for_the_key_copies_the_forward_reads_through_the_table(monkeypatch):
+    """A card short of memory for the block-ordered copies still gets the exact output, and one warning."""
+    from usv_core.attention import api
+
+    grid = (5, 7, 9)
+    q, k, v = (rand(1, 2, math.prod(grid), 64) for _ in range(3))
+    with torch.no_grad():
+        want = vsa_attention(q, k, v, grid, 0.3, backend="triton")
+    select, calls = ops.select, []
+
+    def short_of_memory(*args):
+        calls.append(args[-1])
+        if args[-1]:  # with_rows
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return select(*args)
+
+    monkeypatch.setattr(ops, "select", short_of_memory)
+    monkeypatch.setattr(api, "_warned", set())
+    with pytest.warns(UserWarning, match="token table"), torch.no_grad():
+        out = vsa_attention(q, k, v, grid, 0.3, backend="triton")
+    assert calls == [ops.kv_source(DEV) != "table", False] and torch.equal(out, want)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        vsa_attention(q, k, v, grid, 0.3, backend="triton")
 
 
 def test_the_pooling_pass_writes_key_and_value_rows_in_block_order():

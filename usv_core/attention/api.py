@@ -25,6 +25,13 @@ TRITON_HEAD_DIMS = (64, 128)
 TRITON_MAX_BLOCK = 128  # tokens per block tile: a 4x4x4 cube uses 64
 
 _warned_no_triton = False
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message)
 
 
 def _triton_importable() -> bool:
@@ -171,10 +178,18 @@ def _vsa(q, k, v, layout: BlockLayout, keep, gate, scale, return_stats, backend)
     # when gradients are wanted the coarse branch is built from differentiable torch ops below
     with_coarse = gate is not None and not need_grad
     with_rows = not need_grad and ops.kv_source(q.device) != "table"
-    idx, cnt, coarse, ent, k_rows, v_rows = ops.select(
-        q.detach(), k.detach(), v.detach(), layout.token_table, layout.block_sizes, counts.view(-1),
-        kmax, layout.block, True, scale, with_coarse, return_stats, with_rows,
-    )
+    args = (q.detach(), k.detach(), v.detach(), layout.token_table, layout.block_sizes, counts.view(-1),
+            kmax, layout.block, True, scale, with_coarse, return_stats)
+    try:
+        idx, cnt, coarse, ent, k_rows, v_rows = ops.select(*args, with_rows)
+    except torch.OutOfMemoryError:
+        if not with_rows:
+            raise
+        # the block-ordered copies are one more K and V: where they do not fit, gather through the table
+        _warn_once("usv_core: no memory for VSA's block-ordered key copies; reading keys through the "
+                   "token table instead (the same result, a little slower)")
+        with_rows = False
+        idx, cnt, coarse, ent, k_rows, v_rows = ops.select(*args, with_rows)
     out = ops.attend(q, k, v, idx, cnt, layout.token_table, layout.block_sizes, layout.block, True, scale,
                      (k_rows, v_rows) if with_rows else None)
     if gate is not None:

@@ -26,8 +26,10 @@ _FWD_CONFIG = {"num_warps": 4, "num_stages": 2, "KB": 1}  # H200 sweep: bench/at
 # How the forward reads key tiles when no gradient is wanted (select's pooling pass writes the
 # block-ordered copies): "table" gathers rows of the raster tensors through the token table;
 # "rows" reads the copies; "tma" reads them through tensor descriptors (compute capability 9+,
-# "rows" elsewhere). Not yet timed against each other on a GPU: bench/attention.py --sweep does.
-_FWD_KV = "table"
+# "rows" elsewhere). H200, 1.3B keep 0.125 with selection: table 2.72 ms, rows 2.35, tma 2.31-2.35
+# (bench/attention.md): rows, the portable one, since TMA's edge is within the run's noise.
+# Training's forward keeps the table (its backward reads the raster tensors).
+_FWD_KV = "rows"
 _BWD_CONFIG = {"num_warps": 4, "num_stages": 3}
 # the dk/dv kernel's own launch config where it differs from the dq kernel's (empty: the same);
 # statically, dk/dv spills registers at 4 warps on every card and dq only off Hopper
