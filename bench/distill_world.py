@@ -1,11 +1,13 @@
 """The paper-style ablation on USV World v2 (issue 14): distil students side by side on one GPU
-(`python3 -m usv_core.distill`, one process each: at this size a GPU is launch-bound, so they
-overlap), then score every row on the same held-out prompts and noise seeds: the dense teacher
+(`python3 -m usv_core.distill`, one process each, sharing the card: compare them at equal
+seconds, as a user would run them), then score every row on the same held-out prompts and noise seeds: the dense teacher
 (50 Euler steps, CFG 5), the teacher sampled with the few-step schedule untrained, the dense
 student dense and made sparse training-free, and the sparse-distilled students at their own
 settings. Writes bench/results/distill_world_<card>.json (--json to change).
 
     python3 bench/distill_world.py --out runs/ablation --seconds 420      # GPU: trains, then scores
+    python3 bench/distill_world.py --out runs/ema --students keep0.2,keep0.2+ema0.99 --seeds 0,1
+                                                                          # each student twice, summarised over seeds
     python3 bench/distill_world.py --out runs/ablation --score-only       # score what OUT holds
     python3 bench/distill_world.py --out /tmp/a --tiny                    # CPU smoke test of the code path
 
@@ -45,18 +47,22 @@ WAN_LAYERS = 30
 
 def student_options(name: str) -> tuple[list[str], tuple[float, float]]:
     """A STUDENTS name, optionally with DMD2's GAN term on real clips: "+gan" (weight GAN_WEIGHT) or
-    "+gan<weight>", and "+ganshift<shift>" for the classifier's own noise levels (e.g.
-    "keep0.2+gan0.01+ganshift1") -> (distillation options, the sparsity it is trained at and scored with)."""
+    "+gan<weight>", and "+ganshift<shift>" for the classifier's own noise levels, and with an
+    average of the student's weights, "+ema<decay>" (e.g. "keep0.2+gan0.01+ganshift1",
+    "keep0.2+ema0.99") -> (distillation options, the sparsity it is trained at and scored with)."""
     refusal = SystemExit(f"--students: unknown {name!r}; choose from {', '.join(STUDENTS)}, each optionally "
-                         f"with +gan (weight {GAN_WEIGHT:g}) or +gan<weight>, and then +ganshift<shift>")
+                         f"with +gan (weight {GAN_WEIGHT:g}) or +gan<weight>, and then +ganshift<shift>, "
+                         "and +ema<decay>")
     parts = name.split("+")
-    base = "+".join(p for p in parts if not p.startswith("gan"))
+    extra = lambda p: p.startswith(("gan", "ema"))  # noqa: E731
+    base = "+".join(p for p in parts if not extra(p))
     options = []
-    for p in (p for p in parts if p.startswith("gan")):
-        m = re.fullmatch(r"gan(shift)?([0-9.]+(?:e-?[0-9]+)?)?", p)
-        if not m or (m.group(1) and not m.group(2)):
+    for p in filter(extra, parts):
+        m = re.fullmatch(r"(ganshift|gan|ema)([0-9.]+(?:e-?[0-9]+)?)?", p)
+        if not m or (m.group(1) != "gan" and not m.group(2)):
             raise refusal
-        options += ["--gan-shift", m.group(2)] if m.group(1) else ["--gan", m.group(2) or str(GAN_WEIGHT)]
+        flag = {"gan": "--gan", "ganshift": "--gan-shift", "ema": "--ema"}[m.group(1)]
+        options += [flag, m.group(2) or str(GAN_WEIGHT)]
     if base not in STUDENTS or ("--gan-shift" in options and "--gan" not in options):
         raise refusal
     return STUDENTS[base][0] + options, STUDENTS[base][1]
@@ -93,15 +99,21 @@ def wan_seconds(card: str) -> dict[str, float]:
     return out
 
 
-def distil(out: str, names: list[str], seconds: float, extra: list[str]) -> dict[str, dict]:
+def run_id(name: str, seed: int) -> str:
+    """A student's folder and key: its name, with @<seed> for training seeds other than 0."""
+    return name if seed == 0 else f"{name}@{seed}"
+
+
+def distil(out: str, runs: list[tuple[str, int]], seconds: float, extra: list[str]) -> dict[str, dict]:
     procs = {}
-    for name in names:
-        folder = os.path.join(out, name)
+    for name, seed in runs:
+        folder = os.path.join(out, run_id(name, seed))
         os.makedirs(folder, exist_ok=True)
-        cmd = [sys.executable, "-m", "usv_core.distill", "--out", folder, "--stop-after", str(seconds), *student_options(name)[0], *extra]
+        cmd = [sys.executable, "-m", "usv_core.distill", "--out", folder, "--stop-after", str(seconds),
+               *student_options(name)[0], "--seed", str(seed), *extra]
         log = open(os.path.join(folder, "train.txt"), "a")
-        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
-        print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+        procs[run_id(name, seed)] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+        print(f"[{run_id(name, seed)}] {' '.join(cmd[1:])}", flush=True)
     result = {}
     for name, (p, log) in procs.items():
         rc = p.wait()
@@ -114,6 +126,25 @@ def distil(out: str, names: list[str], seconds: float, extra: list[str]) -> dict
     return result
 
 
+def over_seeds(rows: list[dict]) -> dict[str, dict]:
+    """Each distilled student's world score summarised over its training seeds: the mean, and the
+    standard error of that mean from the spread between seeds (not the prompts' own)."""
+    import numpy as np
+
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        if r["student"] != "teacher" and r["row"].startswith(("student distilled", "DMD student")):
+            by.setdefault(r["student"], []).append(r["world_score"])
+    out = {}
+    for name, scores in by.items():
+        x = np.asarray(scores)
+        se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+        out[name] = {"seeds": len(x), "world_score_mean": float(x.mean()), "world_score_se_over_seeds": se,
+                     "world_scores": scores}
+        print(f"{name:40s} over {len(x)} seeds: {x.mean():.3f} +- {se:.3f} ({', '.join(f'{v:.3f}' for v in x)})")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
@@ -121,6 +152,8 @@ def main() -> int:
                    help=f"which to distil and score, of {', '.join(STUDENTS)}, each optionally with +gan or "
                         "+gan<weight> (DMD2's GAN term) and +ganshift<shift>")
     p.add_argument("--seconds", type=float, default=420, help="--stop-after of every distillation (they run at once)")
+    p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1: each student is distilled once per seed "
+                                                "(two runs of one recipe can end 0.1 apart), and summarised over them")
     p.add_argument("--distill-args", default="", help="more options for every distillation, e.g. '--lr 1e-4'")
     p.add_argument("--score-only", action="store_true")
     p.add_argument("--prompts", type=int, default=64)
@@ -135,20 +168,27 @@ def main() -> int:
     names = [n for n in a.students.split(",") if n]
     for n in names:
         student_options(n)  # refuses an unknown name before anything trains
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()] or [0]
+    except ValueError:
+        raise SystemExit(f"--seeds takes whole numbers separated by commas, e.g. 0,1,2; got {a.seeds!r}") from None
+    if "--seed" in a.distill_args.split():
+        raise SystemExit("give training seeds with --seeds, not --seed in --distill-args")
+    runs = [(n, seed) for n in names for seed in seeds]
     extra = a.distill_args.split()
     sample = ["--prompts", str(a.prompts)]
     if a.tiny:
         extra += ["--tiny", "--steps", "2"]
         sample = ["--prompts", "2", "--frames", "5", "--size", "64", "--batch", "2"]
     t0 = time.time()
-    training = {} if a.score_only else distil(a.out, names, a.seconds, extra)
-    student = {n: os.path.join(a.out, n, "student_dit.safetensors") for n in names}
+    training = {} if a.score_only else distil(a.out, runs, a.seconds, extra)
+    student = {run_id(n, seed): os.path.join(a.out, run_id(n, seed), "student_dit.safetensors") for n, seed in runs}
     student = {n: f for n, f in student.items() if os.path.exists(f)}
     seconds = wan_seconds(card)
     teacher = os.path.join(ROOT, "models", "diffusion_models", "usv_world_dit.safetensors")
     rows = []
 
-    def row(name, kind, path, keep=1.0, merge=0.0, teacher_steps=0):
+    def row(name, kind, path, keep=1.0, merge=0.0, teacher_steps=0, seed=0):
         args = ["--student", path, "--keep", str(keep), "--merge", str(merge), *sample]
         if teacher_steps:
             args += ["--teacher-steps", str(teacher_steps)]
@@ -161,22 +201,29 @@ def main() -> int:
                "wan_1.3b_480p_denoise_s": seconds.get("teacher" if teacher_steps else setting),
                **{k: r[k] for k in ("world_score", "world_score_se", "world_score_std", "presence", "shape_ok", "smooth",
                                     "moving", "colour_presence", "per_prompt", "seconds")}}
-        if kind in training:
-            out["distill_steps"], out["distill_seconds"] = training[kind]["steps"], training[kind]["seconds"]
+        if kind != "teacher":
+            out["train_seed"] = seed
+        if run_id(kind, seed) in training:
+            t = training[run_id(kind, seed)]
+            out["distill_steps"], out["distill_seconds"] = t["steps"], t["seconds"]
         rows.append(out)
         print(f"{name:58s} {r['world_score']:.3f} +- {r['world_score_se']:.3f}  work/step {work:.3f}", flush=True)
 
     if not a.tiny:
         row("dense teacher, 50 Euler steps, CFG 5", "teacher", teacher, teacher_steps=50)
         row("teacher, fastwan-3step, no CFG, not distilled", "teacher", teacher)
-    if "dense" in student:
-        row("DMD student (dense), 3 steps", "dense", student["dense"])
-        for keep, merge in TRAINING_FREE:
-            row(f"dense student + {setting_name(keep, merge)} training-free", "dense", student["dense"], keep, merge)
-    for n in names:
-        if n != "dense" and n in student:
+    for seed in seeds:
+        rid, of_seed = run_id("dense", seed), f" (seed {seed})" if len(seeds) > 1 else ""
+        if rid in student:
+            row(f"DMD student (dense), 3 steps{of_seed}", "dense", student[rid], seed=seed)
+            for keep, merge in TRAINING_FREE:
+                row(f"dense student + {setting_name(keep, merge)} training-free{of_seed}", "dense", student[rid], keep,
+                    merge, seed=seed)
+    for n, seed in runs:
+        if n != "dense" and run_id(n, seed) in student:
             keep, merge = student_options(n)[1]
-            row(f"student distilled at {n}", n, student[n], keep, merge)
+            of_seed = f" (seed {seed})" if len(seeds) > 1 else ""
+            row(f"student distilled at {n}{of_seed}", n, student[run_id(n, seed)], keep, merge, seed=seed)
     # the paired comparison (same prompts and noise): each row's score against the teacher's
     base = next((r for r in rows if r["row"].startswith("dense teacher")), None)
     if base:
@@ -186,7 +233,7 @@ def main() -> int:
             d = np.asarray([x["score"] for x in r["per_prompt"]]) - np.asarray([x["score"] for x in base["per_prompt"]])
             r["vs_teacher"], r["vs_teacher_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
     result = {"card": card, "torch": torch.__version__, "seconds": time.time() - t0, "training": training,
-              "distill_args": extra, "rows": rows}
+              "distill_args": extra, "seeds": seeds, "rows": rows, "over_seeds": over_seeds(rows) if len(seeds) > 1 else {}}
     path = a.json or os.path.join(a.out if a.tiny else os.path.join(ROOT, "bench", "results"),
                                   f"distill_world_{card.replace(' ', '_')}.json")
     with open(path, "w") as f:

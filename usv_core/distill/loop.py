@@ -6,6 +6,7 @@ resumed run takes exactly the steps an uninterrupted one would."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -52,6 +53,7 @@ class Trainer:
         self.sparsity = cfg.sparsity()
         teacher_sd = None if cfg.tiny else read_wan_state(cfg.teacher_path())
         teacher, fake, student = build(teacher_sd, cfg.seed, cfg.tiny_layers, gan=cfg.gan > 0)
+        ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema else None
         # the LoRA's base, kept in host memory only where a LoRA will be written
         self.teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()} if cfg.export_rank and d.main else None
         if cfg.embeddings:
@@ -68,6 +70,7 @@ class Trainer:
         self.teacher = shard(teacher.to(self.device), d)
         self.fake = shard(fake.to(self.device), d)
         self.student = shard(student.to(self.device), d)
+        self.ema = shard(ema.to(self.device), d) if ema is not None else None
         kw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, **kw)
         self.opt_fake = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr, **kw)
@@ -96,15 +99,19 @@ class Trainer:
     # --- state ----------------------------------------------------------------------------
 
     def _modules(self):
-        return {"student": self.student, "fake": self.fake}, {"student": self.opt_student, "fake": self.opt_fake}
+        modules = {"student": self.student, "fake": self.fake}
+        if self.ema is not None:
+            modules["student_ema"] = self.ema
+        return modules, {"student": self.opt_student, "fake": self.opt_fake}
 
     def _resume(self) -> None:
         info = checkpoint.read_info(self.cfg.ckpt)
         # runs from before the tiling setting attended over one block per cube, today's default,
         # and those from before the GAN term ran without it
         stored = {"tiling": "cubes", "gan": 0.0, **info.get("recipe", {})}
-        if stored != self.cfg.recipe():
-            changed = sorted(k for k in self.cfg.recipe() if stored.get(k) != self.cfg.recipe()[k])
+        recipe = self.cfg.recipe()
+        if stored != recipe:
+            changed = sorted(k for k in {**stored, **recipe} if stored.get(k) != recipe.get(k))
             raise SystemExit(f"{self.cfg.ckpt} was written with other settings ({', '.join(changed)}); "
                              "run with the same settings to resume, or give a fresh --out")
         modules, opts = self._modules()
@@ -117,7 +124,7 @@ class Trainer:
         checkpoint.save(self.cfg.ckpt, self.d, modules, opts, info)
 
     def export(self) -> list[str]:
-        sd = checkpoint.full_model_state(self.student)
+        sd = checkpoint.full_model_state(self.ema if self.ema is not None else self.student)
         paths = []
         if self.d.main:
             recipe = dict(self.cfg.recipe(), steps_trained=self.step)
@@ -229,6 +236,8 @@ class Trainer:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt_student.step()
+        if self.ema is not None:
+            self._update_ema()
         out = {"fake": torch.stack([f for f, _ in fakes]).mean() if fakes else 0.0, "grad_norm": gnorm,
                **{k: torch.stack([st[k] for _, st in fakes]).mean() for k in (fakes[0][1] if fakes else {})},
                **stats}
@@ -237,6 +246,14 @@ class Trainer:
         self.step += 1
         out["step"], out["step_seconds"] = self.step, time.time() - t0
         return out
+
+    def _update_ema(self) -> None:
+        # the decay ramps up over the first steps, so that the average soon forgets the teacher's
+        # weights the student starts from (whose few-step samples are noise)
+        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # noqa: E731
+        with torch.no_grad():
+            torch._foreach_lerp_(local(self.ema), local(self.student), 1.0 - decay)
 
     # --- the run --------------------------------------------------------------------------
 
