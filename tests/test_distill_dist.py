@@ -63,3 +63,15 @@ def test_two_processes_train_the_gan_classifier_in_the_fake_networks_shards(tmp_
     w = state["module.fake.classifier.mlp.2.weight"]  # zero at the start: it moved, and whole
     assert w.shape == (1, 128) and w.abs().sum() > 0
     assert "opt.fake.classifier.mlp.2.weight.exp_avg" in state
+
+
+def test_two_processes_average_the_students_shards_and_export_the_average(tmp_path):
+    launch(tmp_path, 2, "--steps", "1", "--ema", "0.99")
+    state = load_file(tmp_path / "ckpt" / "state.safetensors")
+    teacher = tiny_teacher(0).state_dict()
+    q = "blocks.0.self_attn.q.weight"
+    ema, last = state["module.student_ema." + q], state["module.student." + q]
+    assert ema.shape == teacher[q].shape  # gathered whole
+    assert torch.allclose(ema, 0.1 * teacher[q] + 0.9 * last, atol=1e-6)  # each shard averaged with its own
+    exported = load_file(tmp_path / "student_dit.safetensors")
+    assert torch.equal(exported[q], ema.to(torch.bfloat16))
