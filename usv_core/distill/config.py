@@ -55,9 +55,9 @@ class Config:
     gan_shift: float = 0.0  # time shift of the classifier's noise levels; 0: --dmd-shift's (DMD2's choice)
     vae: str = ""  # the VAE that encodes them; "" = the shipped USV World VAE
     # an exponential moving average of the student's weights, exported instead of its last
-    # weights (0: off); two runs of one recipe ended 0.1 apart on USV World, an average is steadier
+    # weights (0: off); two runs of one recipe ended 0.1 apart on USV World (not yet measured with it)
     ema: float = 0.0
-    batch: int = 16  # per process; at USV World sizes a GPU is launch-bound, so 16 costs about what 8 does
+    batch: int = 16  # per process
     frames: int = 17
     size: int = 256  # height in pixels (and width unless --width)
     width: int = 0  # 0: square; Wan 480p is --size 480 --width 832
