@@ -30,6 +30,7 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 
 def profile_steps(trainer, n: int) -> dict:
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -40,13 +41,15 @@ def profile_steps(trainer, n: int) -> dict:
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / n
     avgs = prof.key_averages()
-    gpu_us = sum(a.self_device_time_total for a in avgs)
+    # kernels only: an op's row carries its kernels' time too, so summing every row counts it twice
+    gpu_us = sum(a.self_device_time_total for a in avgs if a.device_type == DeviceType.CUDA)
     count = lambda names: sum(a.count for a in avgs if a.key in names) / n  # noqa: E731
-    top = lambda key: [{"op": a.key[:80], "count": a.count // n, "ms_per_step": getattr(a, key) / 1e3 / n}  # noqa: E731
-                       for a in sorted(avgs, key=lambda a: -getattr(a, key))[:15]]
+    top = lambda key, rows: [{"op": a.key[:80], "count": a.count // n, "ms_per_step": getattr(a, key) / 1e3 / n}  # noqa: E731
+                             for a in sorted(rows, key=lambda a: -getattr(a, key))[:15]]
+    kernels = [a for a in avgs if a.device_type == DeviceType.CUDA]
     return {"profiled_step_s": wall, "gpu_busy_s": gpu_us / 1e6 / n, "gpu_busy_share": gpu_us / 1e6 / n / wall,
             "launches_per_step": count(LAUNCHES), "host_waits_per_step": count(WAITS),
-            "top_host_ops": top("self_cpu_time_total"), "top_gpu_ops": top("self_device_time_total")}
+            "top_host_ops": top("self_cpu_time_total", avgs), "top_kernels": top("self_device_time_total", kernels)}
 
 
 def run_variant(name: str, args: str, warm: int, timed: int, profiled: int) -> dict:
