@@ -3,7 +3,7 @@ one GPU, each variant's steps timed after warm-up, then a few under torch.profil
 time against the wall clock, kernel launches, and the calls that make the host wait for the GPU.
 Writes bench/results/distill_step_<card>.json (--json to change).
 
-    python3 bench/distill_step.py                                   # keep 0.2, with and without the GAN term
+    python3 bench/distill_step.py                                   # keep 0.2; with the GAN term; compiled
     python3 bench/distill_step.py --variants "b8=--keep 0.2 --merge 0 --batch 8"
     python3 bench/distill_step.py --root OLD_CHECKOUT --tag before  # the same on another tree's usv_core
 """
@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "keep0.2": "--keep 0.2 --merge 0 --lr 1e-4 --fake-lr 1e-4 --fake-updates 4",
     "keep0.2+gan": "--keep 0.2 --merge 0 --lr 1e-4 --fake-lr 1e-4 --fake-updates 4 --gan 3e-3 --gan-clips 64",
+    "keep0.2+compile": "--keep 0.2 --merge 0 --lr 1e-4 --fake-lr 1e-4 --fake-updates 4 --compile",
 }
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -62,7 +63,11 @@ def run_variant(name: str, args: str, warm: int, timed: int, profiled: int) -> d
         t0 = time.perf_counter()
         trainer = Trainer(from_args(["--out", out, *shlex.split(args)]), init())
         setup = time.perf_counter() - t0
-        for _ in range(warm):
+        t0 = time.perf_counter()
+        trainer.train_step()  # where a compiled variant compiles
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        for _ in range(warm - 1):
             trainer.train_step()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -70,7 +75,7 @@ def run_variant(name: str, args: str, warm: int, timed: int, profiled: int) -> d
             trainer.train_step()
         torch.cuda.synchronize()
         step = (time.perf_counter() - t0) / timed
-        row = {"variant": name, "args": args, "setup_s": setup, "step_s": step, "timed_steps": timed,
+        row = {"variant": name, "args": args, "setup_s": setup, "first_step_s": first, "step_s": step, "timed_steps": timed,
                **profile_steps(trainer, profiled), "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
         del trainer
         torch.cuda.empty_cache()

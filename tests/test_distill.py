@@ -155,9 +155,12 @@ def test_bad_settings_say_what_to_change(tmp_path):
 
 
 @pytest.mark.gpu
-def test_tiny_distillation_runs_the_triton_kernels_on_the_gpu(tmp_path):
-    """On CUDA: bf16 autocast, the Triton forward and backward in the student, two full steps."""
-    cfg = from_args(["--out", str(tmp_path), "--tiny", "--keep", "0.25", "--merge", "0.5", "--steps", "2", "--backend", "triton"])
+@pytest.mark.parametrize("compiled", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_tiny_distillation_runs_the_triton_kernels_on_the_gpu(tmp_path, compiled):
+    """On CUDA: bf16 autocast, the Triton forward and backward in the student, two full steps,
+    eager and with the dense work compiled."""
+    cfg = from_args(["--out", str(tmp_path), "--tiny", "--keep", "0.25", "--merge", "0.5", "--steps", "2", "--backend",
+                     "triton", *compiled])
     tr = Trainer(cfg, Dist(device=torch.device("cuda")))
     result = tr.run(say=lambda _msg: None)
     assert result["step"] == 2 and all(torch.isfinite(torch.tensor([result["dmd"], result["fake"], result["grad_norm"]])))
@@ -206,3 +209,21 @@ def test_default_run_distils_the_shipped_usv_world_teacher(tmp_path):
     assert all(p.startswith("a ") for p in prompts)  # world captions, e.g. "a red circle and a blue square"
     result = tr.run(say=lambda _msg: None)
     assert result["step"] == 1 and result["real_gap"] > 0
+
+
+def test_compiled_dense_parts_train_as_the_eager_step_does(tmp_path):
+    """--compile fuses the blocks' dense work (teacher and fake whole, the student's around its
+    sparse attention): the same draws give the same losses and the same student."""
+    from usv_core.distill.student import SparseBlock
+
+    runs = {}
+    for compiled in (False, True):
+        tr = tiny_trainer(tmp_path / str(compiled), "--fake-updates", "1", *(["--compile"] if compiled else []))
+        runs[compiled] = ([tr.train_step() for _ in range(2)], tr.student.state_dict())
+        assert (tr.student.blocks[1].project is not SparseBlock.project) == compiled
+        assert (tr.teacher.blocks[1]._compiled_call_impl is not None) == compiled
+    (eager, w_eager), (comp, w_comp) = runs[False], runs[True]
+    for a, b in zip(eager, comp):
+        for k in ("dmd", "fake", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k
+    assert all(torch.allclose(w_comp[k], w_eager[k], rtol=1e-3, atol=1e-5) for k in w_eager)

@@ -69,6 +69,7 @@ class Config:
     save_every: int = 100  # student steps between checkpoints
     save_seconds: float = 120.0  # and at most this many seconds between them
     log_every: int = 10
+    compile: bool = False  # torch.compile the blocks' dense work: the step is ~24,000 small kernel launches
     activation_checkpointing: bool = False  # recompute block activations in backward: a Wan 1.3B at 480p x 81 needs it on 80 GB
     tiny: bool = False
     tiny_layers: int = 3  # three, so that the middle block merges (first and last never do)
@@ -142,6 +143,7 @@ HELP = {
     "stop_at_step": "save and stop at this student step",
     "save_every": "student steps between checkpoints",
     "save_seconds": "most seconds between checkpoints",
+    "compile": "torch.compile the networks' dense work into fewer, fused kernels (the first steps compile)",
     "activation_checkpointing": "recompute block activations in backward (Wan 1.3B at 480p needs it)",
     "tiny": "CPU smoke test: a random 3-block teacher, 5 frames at 128 x 128",
     "export_rank": "also write a LoRA of this rank against the teacher (0: full model only)",

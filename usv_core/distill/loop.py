@@ -25,7 +25,7 @@ from .dist import Dist, checkpoint_blocks, shard
 from .gan import fake_update_losses, student_gan_loss
 from .losses import StudentDraw, dmd_gradient, dmd_loss, fake_score_loss, student_sample
 from .models import build, read_wan_state
-from .student import DENSE
+from .student import DENSE, compile_dense_parts
 
 FAKE, STUDENT, REAL, REAL_SET = 1, 2, 3, 4
 NOISE = 5  # the stream of a draw's device-side noise
@@ -65,6 +65,9 @@ class Trainer:
         self.real = self._real_clips() if cfg.gan else None
         if self.device.type == "cuda":
             teacher = teacher.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
+        if cfg.compile:
+            for model in (teacher, fake, student):
+                compile_dense_parts(model)
         if cfg.activation_checkpointing:
             fake, student = checkpoint_blocks(fake), checkpoint_blocks(student)
         self.teacher = shard(teacher.to(self.device), d)
@@ -247,6 +250,18 @@ class Trainer:
         out["step"], out["step_seconds"] = self.step, time.time() - t0
         return out
 
+    def _first_step(self) -> dict:
+        """train_step, where --compile's compiler runs: its failure says what to change."""
+        if not self.cfg.compile:
+            return self.train_step()
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return self.train_step()
+        except TorchDynamoException as e:
+            raise SystemExit(f"--compile: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                             "run the same command without --compile (it resumes from the last checkpoint)") from e
+
     def _update_ema(self) -> None:
         # the decay ramps up over the first steps, so that the average soon forgets the teacher's
         # weights the student starts from (whose few-step samples are noise)
@@ -280,6 +295,7 @@ class Trainer:
             say(f"distill: {cfg.schedule} {self.sigmas}, student {'dense' if self.sparsity.is_dense else f'keep {self.sparsity.keep:g} merge {self.sparsity.merge:g}'}, "
                 f"{self.d.world} process(es) on {self.device.type}, from step {self.step}/{cfg.steps}")
         stats: dict = {}
+        first = self.step
         stopped = None
         terminated = []
         previous = None
@@ -297,7 +313,7 @@ class Trainer:
                 if self.d.any(bool(cfg.stop_after) and time.time() - start > cfg.stop_after):
                     stopped = f"--stop-after {cfg.stop_after:g}s"
                     break
-                stats = self.train_step()
+                stats = self._first_step() if self.step == first else self.train_step()
                 self.seconds = spent0 + time.time() - start
                 stats["seconds"] = self.seconds
                 if log:

@@ -89,10 +89,37 @@ def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16) if t.is_cuda and t.dtype == torch.float32 else t
 
 
+def _project(block: Block, x, e, cos, sin):
+    """The dense work before self-attention: modulation, norm, q / k / v with their norms and
+    rotary embedding -> (q, k, v) as (B, heads, N, D), and the modulation's other four terms."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = (block.modulation.unsqueeze(0) + e).unbind(2)
+    h = block.norm1(x) * (1 + scale1) + shift1
+    sa = block.self_attn
+    b, n, _ = x.shape
+    q = _rope(sa.norm_q(sa.q(h)).view(b, n, sa.heads, -1), cos, sin).transpose(1, 2)
+    k = _rope(sa.norm_k(sa.k(h)).view(b, n, sa.heads, -1), cos, sin).transpose(1, 2)
+    v = sa.v(h).view(b, n, sa.heads, -1).transpose(1, 2)
+    return q, k, v, (gate1, shift2, scale2, gate2)
+
+
+def _finish(block: Block, x, y, context, mods):
+    """The dense work after self-attention (y: (B, heads, N, D)): output projection and gate,
+    cross-attention, feed-forward."""
+    gate1, shift2, scale2, gate2 = mods
+    b, n, _ = x.shape
+    x = x + block.self_attn.o(y.transpose(1, 2).reshape(b, n, -1).to(x.dtype)) * gate1
+    x = x + block.cross_attn(block.norm3(x), context)
+    return x + block.ffn(block.norm2(x) * (1 + scale2) + shift2) * gate2
+
+
 class SparseBlock(Block):
+    # compile_dense_parts swaps in compiled versions, per block
+    project, finish = staticmethod(_project), staticmethod(_finish)
+
     def forward(self, x, e, rope, context, ctx: CallContext | None = None, index: int = 0):  # type: ignore[override]
-        if ctx is None:
-            return super().forward(x, e, rope, context)
+        if ctx is None:  # dense: Block's forward, through the same parts
+            q, k, v, mods = self.project(self, x, e, *rope)
+            return self.finish(self, x, F.scaled_dot_product_attention(q, k, v), context, mods)
         plan = None
         if index in ctx.merging:
             if ctx.plan is None:
@@ -104,32 +131,36 @@ class SparseBlock(Block):
         if plan is not None:
             x = x_merged = plan.merge(x)
             rope = (plan.gather(rope[0][None], 1), plan.gather(rope[1][None], 1))
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(0) + e).unbind(2)
-        y = self._self_attention(self.norm1(x) * (1 + scale1) + shift1, rope, ctx, plan, index)
-        x = x + y * gate1
-        x = x + self.cross_attn(self.norm3(x), context)
-        x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
+        q, k, v, mods = self.project(self, x, e, *rope)
+        y = self._self_attention(q, k, v, ctx, plan, index)
+        x = self.finish(self, x, y, context, mods)
         # each token keeps its own residual stream and receives its group's update
         return plan.unmerge_update(x_in, x_merged, x) if plan is not None else x
 
-    def _self_attention(self, x, rope, ctx: CallContext, plan, index: int):
-        sa = self.self_attn
-        b, n, _ = x.shape
-        q = _rope(sa.norm_q(sa.q(x)).view(b, n, sa.heads, -1), *rope).transpose(1, 2)
-        k = _rope(sa.norm_k(sa.k(x)).view(b, n, sa.heads, -1), *rope).transpose(1, 2)
-        v = sa.v(x).view(b, n, sa.heads, -1).transpose(1, 2)
+    def _self_attention(self, q, k, v, ctx: CallContext, plan, index: int):
         sp = ctx.sparsity
         if sp.keep >= 1.0 or index in sp.dense_blocks:
-            y = F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v)
+        q, k, v = (_kernel_dtype(t) for t in (q, k, v))
+        if plan is not None and not plan.is_identity:
+            y = vsa_attention_blocked(q, k, v, plan.block_sizes_host, sp.keep, backend=sp.backend)
         else:
-            q, k, v = (_kernel_dtype(t) for t in (q, k, v))
-            if plan is not None and not plan.is_identity:
-                y = vsa_attention_blocked(q, k, v, plan.block_sizes_host, sp.keep, backend=sp.backend)
-            else:
-                y = vsa_attention(q, k, v, ctx.grid, sp.keep, cube=sp.cube, backend=sp.backend,
-                                  pack_edges=sp.pack_edges)
-            ctx.stats["sparse_calls"] = ctx.stats.get("sparse_calls", 0) + 1
-        return sa.o(y.transpose(1, 2).reshape(b, n, -1).to(x.dtype))
+            y = vsa_attention(q, k, v, ctx.grid, sp.keep, cube=sp.cube, backend=sp.backend, pack_edges=sp.pack_edges)
+        ctx.stats["sparse_calls"] = ctx.stats.get("sparse_calls", 0) + 1
+        return y
+
+
+def compile_dense_parts(model: WanDiT) -> None:
+    """torch.compile the dense work of every block, so that the many small elementwise kernels of
+    norms, modulation and rotary embedding fuse. A WanDiT's blocks are compiled whole; a
+    SparseWanDiT's before and after their attention, which stays eager (its selection and merge
+    planning read the data). The blocks share one compiled function: their weights are its inputs."""
+    project, finish = torch.compile(_project), torch.compile(_finish)
+    for block in model.blocks:
+        if isinstance(block, SparseBlock):
+            block.project, block.finish = project, finish
+        else:
+            block.compile()
 
 
 class SparseWanDiT(WanDiT):
