@@ -134,8 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--variants", default="dense,keep0.125,keep0.05",
                    help="comma-separated: dense, keep<r>, merge<r>, keep<r>+merge<r>, speed<s> (USV Accelerate)")
-    p.add_argument("--kv", choices=("table", "rows", "tma"), default="table",
-                   help="where sparse attention's forward reads key tiles (usv_core.attention.ops.set_kernel_config)")
+    p.add_argument("--kv", choices=("table", "rows", "tma"), default=None,
+                   help="where sparse attention's forward reads key tiles (usv_core.attention.ops.set_kernel_config; "
+                        "default: the pack's)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
 
@@ -144,7 +145,10 @@ def main(argv=None) -> int:
     nodes, device, dtype, card = boot_comfy(args.cpu)
     from harness import runtime
 
-    runtime.pack_module("usv_core.attention.ops").set_kernel_config(kv=args.kv)  # the ops the nodes call
+    ops = runtime.pack_module("usv_core.attention.ops")  # the ops the nodes call
+    if args.kv:
+        ops.set_kernel_config(kv=args.kv)
+    kv = ops.kv_source(device)
 
     base = build_model(args.size, device, dtype)
     C, T, H, W = SIZES[args.size][3]
@@ -186,10 +190,10 @@ def main(argv=None) -> int:
                     acc = (args.steps * r["seconds_per_step"] - n * dense) / (args.steps - n)
                     r.update(dense_steps=n, accelerated_seconds_per_step=acc, accelerated_vs_dense=acc / dense)
     report = {"benchmark": "wan_model", "card": card, "size": args.size, "tokens": T * (H // 2) * (W // 2),
-              "dtype": str(dtype), "steps": args.steps, "kv": args.kv, "torch": torch.__version__, "results": results,
+              "dtype": str(dtype), "steps": args.steps, "kv": kv, "torch": torch.__version__, "results": results,
               "date": time.strftime("%Y-%m-%d")}
     os.makedirs(args.out, exist_ok=True)
-    name = f"wan_model_{args.size}_{card.replace(' ', '_')}{'' if args.kv == 'table' else '_kv_' + args.kv}.json"
+    name = f"wan_model_{args.size}_{card.replace(' ', '_')}{'_kv_' + args.kv if args.kv else ''}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(report, f, indent=2)
     print("wrote", os.path.join(args.out, name))
