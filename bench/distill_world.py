@@ -1,9 +1,10 @@
 """The paper-style ablation on USV World v2 (issue 14): distil students side by side on one GPU
-(`python3 -m usv_core.distill`, one process each, sharing the card: compare them at equal
-seconds, as a user would run them), then score every row on the same held-out prompts and noise seeds: the dense teacher
-(50 Euler steps, CFG 5), the teacher sampled with the few-step schedule untrained, the dense
-student dense and made sparse training-free, and the sparse-distilled students at their own
-settings. Writes bench/results/distill_world_<card>.json (--json to change).
+(`python3 -m usv_core.distill`, one process each, sharing the card: they compare at equal
+seconds, as a user would run them), then score every row on the same held-out prompts and
+noise seeds: the dense teacher (50 Euler steps, CFG 5), the teacher sampled with the few-step
+schedule untrained, the dense student dense and made sparse training-free, and the
+sparse-distilled students at their own settings. Writes bench/results/distill_world_<card>.json
+(--json to change).
 
     python3 bench/distill_world.py --out runs/ablation --seconds 420      # GPU: trains, then scores
     python3 bench/distill_world.py --out runs/ema --students keep0.2,keep0.2+ema0.99 --seeds 0,1
@@ -150,7 +151,7 @@ def main() -> int:
     p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
     p.add_argument("--students", default=",".join(STUDENTS),
                    help=f"which to distil and score, of {', '.join(STUDENTS)}, each optionally with +gan or "
-                        "+gan<weight> (DMD2's GAN term) and +ganshift<shift>")
+                        "+gan<weight> (DMD2's GAN term) and +ganshift<shift>, and +ema<decay>")
     p.add_argument("--seconds", type=float, default=420, help="--stop-after of every distillation (they run at once)")
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1: each student is distilled once per seed "
                                                 "(two runs of one recipe can end 0.1 apart), and summarised over them")

@@ -128,7 +128,7 @@ def test_without_memory_for_the_key_copies_the_forward_reads_through_the_table(m
     grid = (5, 7, 9)
     q, k, v = (rand(1, 2, math.prod(grid), 64) for _ in range(3))
     with torch.no_grad():
-        want = vsa_attention(q, k, v, grid, 0.3, backend="triton")
+        want = vsa_attention(q, k, v, grid, 0.3, backend="triton")  # with the copies where they fit
     select, calls = ops.select, []
 
     def short_of_memory(*args):
@@ -137,11 +137,12 @@ def test_without_memory_for_the_key_copies_the_forward_reads_through_the_table(m
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return select(*args)
 
+    monkeypatch.setattr(ops, "_FWD_KV", "rows")
     monkeypatch.setattr(ops, "select", short_of_memory)
     monkeypatch.setattr(api, "_warned", set())
     with pytest.warns(UserWarning, match="token table"), torch.no_grad():
         out = vsa_attention(q, k, v, grid, 0.3, backend="triton")
-    assert calls == [ops.kv_source(DEV) != "table", False] and torch.equal(out, want)
+    assert calls == [True, False] and torch.equal(out, want)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         vsa_attention(q, k, v, grid, 0.3, backend="triton")
