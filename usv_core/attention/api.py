@@ -24,7 +24,6 @@ TRITON_DTYPES = (torch.bfloat16, torch.float16)
 TRITON_HEAD_DIMS = (64, 128)
 TRITON_MAX_BLOCK = 128  # tokens per block tile: a 4x4x4 cube uses 64
 
-_warned_no_triton = False
 _warned: set[str] = set()
 
 
@@ -92,7 +91,6 @@ def _check_qkv(q, k, v):
 
 
 def _resolve_backend(backend, q, block):
-    global _warned_no_triton
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "reference" or (backend == "auto" and not q.is_cuda):
@@ -102,9 +100,7 @@ def _resolve_backend(backend, q, block):
     if not _triton_importable():
         if backend == "triton":
             raise ValueError("backend='triton' but triton is not importable")
-        if not _warned_no_triton:
-            warnings.warn("usv_core: triton is not importable; VSA runs the slow PyTorch reference")
-            _warned_no_triton = True
+        _warn_once("usv_core: triton is not importable; VSA runs the slow PyTorch reference")
         return "reference"
     if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"q: dtype {q.dtype} is not supported by the Triton kernels (bfloat16, float16); "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import dmd
+from ..ema import ema_update
 from ..world.weights import load_vae
 from . import checkpoint, export
 from .config import Config
@@ -150,6 +151,10 @@ class Trainer:
         seed = int(np.random.SeedSequence(words).generate_state(1)[0])
         return torch.Generator(self.device if noise else "cpu").manual_seed(seed)
 
+    def _generators(self, step: int, role: int, i: int = 0) -> tuple[torch.Generator, torch.Generator]:
+        """A draw's host generator and its device generator for noise."""
+        return self.generator(step, role, i), self.generator(step, role, i, noise=True)
+
     def _noise(self, gen: torch.Generator, shape) -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=self.device)
 
@@ -160,7 +165,7 @@ class Trainer:
         # The schedule step is shared by all processes: it sets how many forwards the step runs,
         # and sharded models gather their weights once per forward on every process together.
         k = int(torch.randint(0, len(self.sigmas) - 1, (1,), generator=self.generator(step, role, i, rank=SHARED)))
-        gen, ngen = self.generator(step, role, i), self.generator(step, role, i, noise=True)
+        gen, ngen = self._generators(step, role, i)
         cond, uncond, _ = self.data.batch(gen, b, self.device)
         noise = [self._noise(ngen, shape) for _ in range(k + 1)]
         s, eps = self._renoise(gen, ngen, shape, cfg.dmd_shift)
@@ -176,7 +181,7 @@ class Trainer:
     def _gan_draw(self, step: int, i: int):
         """Fake update i's classifier inputs: real clips with their conditioning and re-noising,
         and the classifier's own re-noising of student samples (None: see _gan_levels)."""
-        gen, ngen = self.generator(step, REAL, i), self.generator(step, REAL, i, noise=True)
+        gen, ngen = self._generators(step, REAL, i)
         real, cond = self.real.batch(gen, self.cfg.batch)
         real_batch = (real, cond, *self._renoise(gen, ngen, real.shape, self.cfg.gan_shift or self.cfg.dmd_shift))
         return real_batch, self._gan_levels(gen, ngen, real.shape)
@@ -222,8 +227,7 @@ class Trainer:
             loss = dmd_loss(x0, grad)
             stats["dmd"] = loss.detach()
             if self.real is not None:
-                i = self.cfg.fake_updates
-                levels = self._gan_levels(self.generator(step, REAL, i), self.generator(step, REAL, i, noise=True), x0.shape)
+                levels = self._gan_levels(*self._generators(step, REAL, self.cfg.fake_updates), x0.shape)
                 gan_s, gan_eps = levels or (s, eps)
                 gan = student_gan_loss(self.fake, x0, gan_eps, gan_s, cond)
                 stats["gan_g"] = gan.detach()
@@ -250,8 +254,9 @@ class Trainer:
         out["step"], out["step_seconds"] = self.step, time.time() - t0
         return out
 
-    def _first_step(self) -> dict:
-        """train_step, where --compile's compiler runs: its failure says what to change."""
+    def _step(self) -> dict:
+        """train_step; under --compile a compiler failure (the first step's, or a later recompile's)
+        says what to change."""
         if not self.cfg.compile:
             return self.train_step()
         from torch._dynamo.exc import TorchDynamoException
@@ -263,12 +268,9 @@ class Trainer:
                              "run the same command without --compile (it resumes from the last checkpoint)") from e
 
     def _update_ema(self) -> None:
-        # the decay ramps up over the first steps, so that the average soon forgets the teacher's
-        # weights the student starts from (whose few-step samples are noise)
-        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        # each process averages its own shards
         local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # noqa: E731
-        with torch.no_grad():
-            torch._foreach_lerp_(local(self.ema), local(self.student), 1.0 - decay)
+        ema_update(local(self.ema), local(self.student), self.cfg.ema, self.step)
 
     # --- the run --------------------------------------------------------------------------
 
@@ -295,7 +297,6 @@ class Trainer:
             say(f"distill: {cfg.schedule} {self.sigmas}, student {'dense' if self.sparsity.is_dense else f'keep {self.sparsity.keep:g} merge {self.sparsity.merge:g}'}, "
                 f"{self.d.world} process(es) on {self.device.type}, from step {self.step}/{cfg.steps}")
         stats: dict = {}
-        first = self.step
         stopped = None
         terminated = []
         previous = None
@@ -313,7 +314,7 @@ class Trainer:
                 if self.d.any(bool(cfg.stop_after) and time.time() - start > cfg.stop_after):
                     stopped = f"--stop-after {cfg.stop_after:g}s"
                     break
-                stats = self._first_step() if self.step == first else self.train_step()
+                stats = self._step()
                 self.seconds = spent0 + time.time() - start
                 stats["seconds"] = self.seconds
                 if log:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..attention import vsa_attention, vsa_attention_blocked
 from ..merge import plan_merge
-from ..world.dit import Block, WanDiT
+from ..world.dit import Block, WanDiT, set_compiled
 
 METRICS = ("keys", "hidden")
 
@@ -152,15 +152,15 @@ class SparseBlock(Block):
 
 def compile_dense_parts(model: WanDiT) -> None:
     """torch.compile the dense work of every block, so that the many small elementwise kernels of
-    norms, modulation and rotary embedding fuse. A WanDiT's blocks are compiled whole; a
-    SparseWanDiT's before and after their attention, which stays eager (its selection and merge
-    planning read the data). The blocks share one compiled function: their weights are its inputs."""
+    norms, modulation and rotary embedding fuse. A WanDiT's blocks are compiled whole
+    (world.dit.set_compiled); a SparseWanDiT's before and after their attention, which stays eager
+    (its selection and merge planning read the data), one compiled function for all blocks."""
+    if not isinstance(model, SparseWanDiT):
+        set_compiled(model, True)
+        return
     project, finish = torch.compile(_project), torch.compile(_finish)
     for block in model.blocks:
-        if isinstance(block, SparseBlock):
-            block.project, block.finish = project, finish
-        else:
-            block.compile()
+        block.project, block.finish = project, finish
 
 
 class SparseWanDiT(WanDiT):

@@ -162,3 +162,14 @@ class WanDiT(nn.Module):
         x = x.view(b, gt, gh, gw, *PATCH, self.out_dim)
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(b, self.out_dim, gt * PATCH[0], gh * PATCH[1], gw * PATCH[2])
+
+
+def set_compiled(dit: WanDiT, on: bool) -> None:
+    """Compile one block, not the whole model: the blocks share the compiled code (their weights
+    are its inputs), so compiling takes seconds instead of a minute and most of the step's small
+    elementwise kernels (norms, modulation, rotary embedding) still fuse."""
+    for b in dit.blocks:
+        if on:
+            b.compile()
+        else:
+            b._compiled_call_impl = None

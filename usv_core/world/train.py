@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..ema import ema_update
 from . import evaluate as ev
 from .checkpoint import load_state, save_state
-from .dit import WanDiT
+from .dit import WanDiT, set_compiled
 from .png import plot_curves, write_png
 from .sampling import SHIFT, shift_sigma
 from .scene import make_batch
@@ -197,17 +198,6 @@ def latent_cache(vae, a, dev, rng, path: str):
     return lat, ids, time.time() - t
 
 
-def set_compiled(dit: WanDiT, on: bool) -> None:
-    """Compile one block, not the whole model: the eight blocks share the compiled code (their
-    weights are its inputs), so compiling takes seconds instead of a minute and most of the step's
-    small elementwise kernels (norms, modulation, rotary embedding) still fuse."""
-    for b in dit.blocks:
-        if on:
-            b.compile()
-        else:
-            b._compiled_call_impl = None
-
-
 def train_dit(a, dev, rng, lat, ids, curves, ckpt: str):
     dit = WanDiT(a.dim, a.ffn_dim, a.layers).to(dev)
     text = CaptionEncoder().to(dev)
@@ -282,9 +272,7 @@ def train_dit(a, dev, rng, lat, ids, curves, ckpt: str):
             continue
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
-        decay = min(a.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema_update(ema_params, params, a.ema, step)
         if step % 10 == 0:  # every 10th loss only: reading one waits for the GPU
             curves["dit"].append(loss.item())
         if step % a.log_every == 0:
