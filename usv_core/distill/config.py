@@ -54,6 +54,12 @@ class Config:
     gan_clips: int = 1024  # real clips rendered and encoded once at the start
     gan_shift: float = 0.0  # time shift of the classifier's noise levels; 0: --dmd-shift's (DMD2's choice)
     vae: str = ""  # the VAE that encodes them; "" = the shipped USV World VAE
+    # DMD's regression term (0: off): the student's first step from a noise is pulled towards the
+    # teacher's sample from it, over regress_pairs pairs made at the start with regress_steps Euler
+    # steps of the teacher at --cfg
+    regress: float = 0.0
+    regress_pairs: int = 2048
+    regress_steps: int = 50
     # an exponential moving average of the student's weights, exported instead of its last
     # weights (0: off); two runs of one recipe ended 0.1 apart on USV World (not yet measured with it)
     ema: float = 0.0
@@ -107,10 +113,12 @@ class Config:
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
         keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "tiling", "dense_steps", "dense_student", "cfg",
-                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "gan_shift", "ema", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
+                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "gan_shift", "regress", "regress_pairs", "regress_steps", "ema", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
         recipe = {k: getattr(self, k) for k in keys}
         if not self.gan:  # settings of a term that is off do not bind a resumption
             del recipe["gan_d_weight"], recipe["gan_clips"], recipe["gan_shift"]
+        if not self.regress:
+            del recipe["regress"], recipe["regress_pairs"], recipe["regress_steps"]
         if not self.ema:  # and runs from before the average resume without it
             del recipe["ema"]
         return recipe
@@ -136,6 +144,9 @@ HELP = {
     "gan_clips": "real clips rendered and encoded at the start for the GAN term",
     "gan_shift": "time shift of the noise levels the GAN classifier sees (0: those of --dmd-shift; 1: uniform)",
     "vae": "VAE that encodes the GAN term's real clips (default: the shipped USV World VAE)",
+    "regress": "weight of DMD's regression term (0: off): the student's first step is pulled towards the teacher's sample from the same noise",
+    "regress_pairs": "noise / teacher-sample pairs made at the start for --regress",
+    "regress_steps": "teacher's Euler steps (with --cfg) per pair",
     "ema": "decay of a moving average of the student's weights, exported instead of its last weights (0: off; e.g. 0.99)",
     "batch": "samples per process per update",
     "steps": "student updates in all (over every resumed command)",
@@ -180,6 +191,8 @@ def from_args(argv=None) -> Config:
         raise SystemExit(f"--schedule must be one of {', '.join(dmd.PRESET_NAMES)}, got {cfg.schedule!r}")
     if cfg.gan < 0 or cfg.gan_d_weight < 0 or cfg.gan_shift < 0 or (cfg.gan and cfg.gan_clips < 1):
         raise SystemExit("--gan, --gan-d-weight and --gan-shift must be >= 0, and --gan-clips >= 1 when --gan is on")
+    if cfg.regress < 0 or (cfg.regress and (cfg.regress_pairs < 1 or cfg.regress_steps < 1)):
+        raise SystemExit("--regress must be >= 0, and --regress-pairs and --regress-steps >= 1 when it is on")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema is a decay in [0, 1) (0: off; 0.99 averages over about 100 steps), got {cfg.ema:g}")
     if cfg.gan and cfg.fake_updates < 1:
@@ -191,5 +204,6 @@ def from_args(argv=None) -> Config:
         cfg.frames, cfg.size, cfg.width, cfg.batch = min(cfg.frames, 5), min(cfg.size, 128), 0, min(cfg.batch, 2)
         cfg.fake_updates = min(cfg.fake_updates, 2)
         cfg.gan_clips = min(cfg.gan_clips, 8)
+        cfg.regress_pairs, cfg.regress_steps = min(cfg.regress_pairs, 8), min(cfg.regress_steps, 4)
     cfg.sparsity()  # fails early on a bad keep or merge ratio
     return cfg

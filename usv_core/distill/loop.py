@@ -26,10 +26,12 @@ from .dist import Dist, checkpoint_blocks, shard
 from .gan import fake_update_losses, student_gan_loss
 from .losses import StudentDraw, dmd_gradient, dmd_loss, fake_score_loss, student_sample
 from .models import build, read_wan_state
+from .pairs import TeacherPairs, regression_loss
 from .student import DENSE, compile_dense_parts
 
 FAKE, STUDENT, REAL, REAL_SET = 1, 2, 3, 4
 NOISE = 5  # the stream of a draw's device-side noise
+PAIR_SET, PAIRS = 6, 7
 SHARED = 2**31  # the "rank" of draws every process makes alike
 STUDENT_FILE = "student_dit.safetensors"
 LORA_FILE = "student_lora.safetensors"
@@ -75,6 +77,7 @@ class Trainer:
         self.fake = shard(fake.to(self.device), d)
         self.student = shard(student.to(self.device), d)
         self.ema = shard(ema.to(self.device), d) if ema is not None else None
+        self.pairs = self._teacher_pairs() if cfg.regress else None
         kw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, **kw)
         self.opt_fake = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr, **kw)
@@ -99,6 +102,25 @@ class Trainer:
         if main:
             print(f"distill: real clips encoded in {time.time() - t0:.1f} s", flush=True)
         return real
+
+    def _teacher_pairs(self) -> TeacherPairs:
+        """The regression term's pairs, sampled once by the teacher, with a line every 30 s."""
+        cfg, main = self.cfg, self.d.main
+        t0, last = time.time(), [time.time()]
+
+        def progress(done, n):
+            if main and time.time() - last[0] > 30:
+                last[0] = time.time()
+                print(f"distill: {done}/{n} teacher pairs", flush=True)
+
+        if main:
+            print(f"distill: sampling {cfg.regress_pairs} teacher pairs ({cfg.regress_steps} steps, CFG {cfg.cfg:g}) "
+                  "for the regression term", flush=True)
+        pairs = TeacherPairs(self.teacher, self.data, cfg.regress_pairs, cfg.latent_shape(), *self._generators(0, PAIR_SET),
+                             self.device, steps=cfg.regress_steps, cfg=cfg.cfg, autocast=self._autocast, progress=progress)
+        if main:
+            print(f"distill: teacher pairs sampled in {time.time() - t0:.1f} s", flush=True)
+        return pairs
 
     # --- state ----------------------------------------------------------------------------
 
@@ -218,7 +240,7 @@ class Trainer:
         return flow.detach(), stats
 
     def student_loss(self, step: int):
-        """(the student's loss with its graph: the DMD surrogate, plus the GAN term when it is on; the
+        """(the student's loss with its graph: the DMD surrogate, plus the GAN and regression terms when on; the
         student's x0; the target DMD pulls it to; stats)."""
         cond, uncond, draw, s, eps = self._draw(step, STUDENT)
         with self._autocast():
@@ -232,6 +254,11 @@ class Trainer:
                 gan = student_gan_loss(self.fake, x0, gan_eps, gan_s, cond)
                 stats["gan_g"] = gan.detach()
                 loss = loss + self.cfg.gan * gan
+            if self.pairs is not None:
+                z, target, pcond = self.pairs.batch(self.generator(step, PAIRS), self.cfg.batch)
+                reg = regression_loss(self.student, z, target, pcond, self.sigmas, self.sparsity_at)
+                stats["regress"] = reg.detach()
+                loss = loss + self.cfg.regress * reg
         stats.update(student_step=draw.step, sigma=s.mean())
         return loss, x0, (x0 - grad).detach(), stats
 
@@ -324,7 +351,8 @@ class Trainer:
                     rate = self.seconds / max(1, self.step)
                     eta = (cfg.steps - self.step) * stats["step_seconds"]
                     gan = f"gan {stats['gan_g']:.3f}, real/fake called real {stats['d_real']:.2f}/{stats['d_fake']:.2f} | " if cfg.gan else ""
-                    say(f"step {self.step}/{cfg.steps} | dmd {stats['dmd']:.4f} | fake {stats['fake']:.4f} | {gan}"
+                    reg = f"regress {stats['regress']:.4f} | " if cfg.regress else ""
+                    say(f"step {self.step}/{cfg.steps} | dmd {stats['dmd']:.4f} | fake {stats['fake']:.4f} | {gan}{reg}"
                         f"{stats['step_seconds']:.2f} s/step ({rate:.2f} mean) | eta {eta / 60:.1f} min")
                 if self.d.any(self.step % cfg.save_every == 0 or time.time() - last_save > cfg.save_seconds):
                     self.save()
