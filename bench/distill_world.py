@@ -49,23 +49,27 @@ WAN_LAYERS = 30
 def student_options(name: str) -> tuple[list[str], tuple[float, float]]:
     """A STUDENTS name, optionally with DMD2's GAN term on real clips: "+gan" (weight GAN_WEIGHT) or
     "+gan<weight>", and "+ganshift<shift>" for the classifier's own noise levels, and with an
-    average of the student's weights, "+ema<decay>", and with DMD's regression term, "+reg<weight>"
-    (e.g. "keep0.2+gan0.01+ganshift1", "keep0.2+reg0.25+ema0.99") -> (distillation options, the
-    sparsity it is trained at and scored with)."""
+    average of the student's weights, "+ema<decay>", and with DMD's regression term, "+reg<weight>",
+    then "+regall" for its every step (e.g. "keep0.2+gan0.01+ganshift1", "keep0.2+reg4+regall+ema0.99")
+    -> (distillation options, the sparsity it is trained at and scored with)."""
     refusal = SystemExit(f"--students: unknown {name!r}; choose from {', '.join(STUDENTS)}, each optionally "
                          f"with +gan (weight {GAN_WEIGHT:g}) or +gan<weight>, and then +ganshift<shift>, "
-                         "+ema<decay> and +reg<weight>")
+                         "+ema<decay> and +reg<weight> (then +regall)")
     parts = name.split("+")
     extra = lambda p: p.startswith(("gan", "ema", "reg"))  # noqa: E731
     base = "+".join(p for p in parts if not extra(p))
     options = []
     for p in filter(extra, parts):
+        if p == "regall":
+            options += ["--regress-at", "all"]
+            continue
         m = re.fullmatch(r"(ganshift|gan|ema|reg)([0-9.]+(?:e-?[0-9]+)?)?", p)
         if not m or (m.group(1) != "gan" and not m.group(2)):
             raise refusal
         flag = {"gan": "--gan", "ganshift": "--gan-shift", "ema": "--ema", "reg": "--regress"}[m.group(1)]
         options += [flag, m.group(2) or str(GAN_WEIGHT)]
-    if base not in STUDENTS or ("--gan-shift" in options and "--gan" not in options):
+    if (base not in STUDENTS or ("--gan-shift" in options and "--gan" not in options)
+            or ("--regress-at" in options and "--regress" not in options)):
         raise refusal
     return STUDENTS[base][0] + options, STUDENTS[base][1]
 
@@ -152,7 +156,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="folder of the students (one subfolder each)")
     p.add_argument("--students", default=",".join(STUDENTS),
                    help=f"which to distil and score, of {', '.join(STUDENTS)}, each optionally with +gan or "
-                        "+gan<weight> (DMD2's GAN term) and +ganshift<shift>, +ema<decay>, and +reg<weight> (DMD's regression term)")
+                        "+gan<weight> (DMD2's GAN term) and +ganshift<shift>, +ema<decay>, and +reg<weight> (DMD's regression "
+                        "term; +regall for every step)")
     p.add_argument("--seconds", type=float, default=420, help="--stop-after of every distillation (they run at once)")
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1: each student is distilled once per seed "
                                                 "(two runs of one recipe can end 0.1 apart), and summarised over them")

@@ -75,3 +75,11 @@ def test_two_processes_average_the_students_shards_and_export_the_average(tmp_pa
     assert torch.allclose(ema, 0.1 * teacher[q] + 0.9 * last, atol=1e-6)  # each shard averaged with its own
     exported = load_file(tmp_path / "student_dit.safetensors")
     assert torch.equal(exported[q], ema.to(torch.bfloat16))
+
+
+def test_two_processes_sample_the_regression_pairs_through_the_sharded_teacher(tmp_path):
+    out = launch(tmp_path, 2, "--steps", "1", "--regress", "1")
+    assert "teacher pairs sampled" in out and "done: 1 steps" in out
+    with open(tmp_path / "log.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert len(logged) == 1 and logged[0]["regress"] > 0

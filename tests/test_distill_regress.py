@@ -1,6 +1,6 @@
 """DMD's regression term in python3 -m usv_core.distill (--regress): pairs of noise and the
-teacher's own sample from it, a student whose first step is pulled towards those samples, all of
-it resumable and refused where it cannot serve."""
+teacher's own sample from it (with --regress-at all, its states on the way), a student pulled
+towards those samples, all of it resumable and refused where it cannot serve."""
 
 import json
 
@@ -12,8 +12,9 @@ from test_distill import one_thread  # noqa: F401  (autouse: one thread on two s
 from usv_core.distill.config import from_args
 from usv_core.distill.dist import Dist
 from usv_core.distill.loop import Trainer
+from usv_core.distill.losses import guided_velocity
 from usv_core.distill.pairs import regression_loss
-from usv_core.world.sampling import sample
+from usv_core.world.sampling import sample, sigmas
 
 
 def regress_trainer(tmp_path, *extra):
@@ -24,22 +25,45 @@ def regress_trainer(tmp_path, *extra):
 def test_the_pairs_are_the_teachers_samples_from_their_noise(tmp_path):
     tr = regress_trainer(tmp_path, "--regress-pairs", "5", "--regress-steps", "3")
     pairs = tr.pairs
-    assert len(pairs) == 5 and pairs.noise.shape == pairs.target.shape == (5, *tr.cfg.latent_shape())
+    noise = pairs.states[:, 0]
+    assert len(pairs) == 5 and pairs.states.shape == (5, 1, *tr.cfg.latent_shape()) and pairs.sigmas_at == [1.0]
     uncond = tr.data._uncond.expand(2, -1, -1)
-    with torch.no_grad():
-        again = sample(tr.teacher, pairs.cond[:2], uncond, pairs.noise[:2], steps=3, cfg=tr.cfg.cfg)
+    with torch.no_grad():  # the world's own sampler, as the teacher's row is scored
+        again = sample(tr.teacher, pairs.cond[:2], uncond, noise[:2], steps=3, cfg=tr.cfg.cfg)
     torch.testing.assert_close(pairs.target[:2], again, rtol=1e-4, atol=1e-5)
-    assert torch.isfinite(pairs.target).all() and not torch.allclose(pairs.target, pairs.noise)
+    assert torch.isfinite(pairs.target).all() and not torch.allclose(pairs.target, noise)
     # each pair has its own noise and caption
-    assert float((pairs.noise[0] - pairs.noise[1]).abs().mean()) > 0.5
+    assert float((noise[0] - noise[1]).abs().mean()) > 0.5
 
 
-def test_the_regression_term_pulls_the_students_first_step_towards_the_teacher(tmp_path):
-    tr = regress_trainer(tmp_path, "--lr", "1e-3")
-    z, target, cond = tr.pairs.batch(torch.Generator().manual_seed(0), 2)
+def test_with_regress_at_all_the_pairs_hold_the_teachers_states_at_the_schedules_sigmas(tmp_path):
+    tr = regress_trainer(tmp_path, "--regress-pairs", "3", "--regress-steps", "3", "--regress-at", "all")
+    pairs, cfg = tr.pairs, tr.cfg
+    assert pairs.sigmas_at == tr.sigmas[:-1] and pairs.states.shape == (3, len(tr.sigmas) - 1, *cfg.latent_shape())
+    # the Euler solve on the teacher's 3 sigmas with the schedule's added: from each recorded state
+    # at its sigma, the rest of that solve lands on the pair's sample
+    grid = sorted(set(sigmas(3).tolist()) | set(tr.sigmas[1:-1]), reverse=True)
+    uncond = tr.data._uncond.expand(3, -1, -1)
+    for k, sigma in enumerate(pairs.sigmas_at):
+        x = pairs.states[:, k]
+        with torch.no_grad():
+            for s, s_next in zip(grid, grid[1:]):
+                if s <= sigma + 1e-6:
+                    v = guided_velocity(tr.teacher, x, torch.full((3,), s), pairs.cond, uncond, cfg.cfg)
+                    x = x + (s_next - s) * v
+        torch.testing.assert_close(x, pairs.target, rtol=1e-4, atol=1e-5)
+    # and the states move from the noise towards the sample
+    gaps = [float((pairs.states[:, k] - pairs.target).abs().mean()) for k in range(len(pairs.sigmas_at))]
+    assert all(b < a for a, b in zip(gaps, gaps[1:])), gaps
+
+
+@pytest.mark.parametrize("at", ["first", "all"])
+def test_the_regression_term_pulls_the_student_towards_the_teacher(tmp_path, at):
+    tr = regress_trainer(tmp_path, "--lr", "1e-3", "--regress-at", at)
+    states, target, cond = tr.pairs.batch(torch.Generator().manual_seed(0), 2)
     losses = []
     for _ in range(6):
-        loss = regression_loss(tr.student, z, target, cond, tr.sigmas, tr.sparsity_at)
+        loss = regression_loss(tr.student, states, target, cond, tr.pairs.sigmas_at, tr.sparsity_at)
         tr.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         if not losses:
@@ -51,7 +75,7 @@ def test_the_regression_term_pulls_the_students_first_step_towards_the_teacher(t
 
 def test_a_regression_run_resumes_exactly(tmp_path):
     def run(out, *extra):
-        cfg = from_args(["--out", str(out), "--tiny", "--steps", "3", "--save-every", "1", "--regress", "0.5", *extra])
+        cfg = from_args(["--out", str(out), "--tiny", "--steps", "3", "--save-every", "1", "--regress", "0.5", "--regress-at", "all", *extra])
         return Trainer(cfg, Dist()).run(say=lambda _msg: None)
 
     run(tmp_path / "whole")
@@ -78,3 +102,5 @@ def test_regression_settings_it_cannot_serve_say_what_to_change(tmp_path):
         from_args(["--out", str(tmp_path), "--regress", "-1"])
     with pytest.raises(SystemExit, match="--regress-pairs and --regress-steps >= 1"):
         from_args(["--out", str(tmp_path), "--regress", "1", "--regress-pairs", "0"])
+    with pytest.raises(SystemExit, match="--regress-at must be first or all"):
+        from_args(["--out", str(tmp_path), "--regress", "1", "--regress-at", "last"])

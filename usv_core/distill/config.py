@@ -1,6 +1,7 @@
-"""The recipe's settings: one dataclass, read from the command line. Defaults are the USV World v2
-student's (fastwan-3step, keep 0.2, merge 0.5, teacher CFG 5, 5 fake-score updates per student
-update); --tiny shrinks everything for a CPU smoke test."""
+"""The recipe's settings: one dataclass, read from the command line. Defaults are the recipe's
+starting point (fastwan-3step, keep 0.2, merge 0.5, teacher CFG 5, 5 fake-score updates per student
+update); the shipped USV World student's own options are in docs/distill.md and in its file's
+metadata. --tiny shrinks everything for a CPU smoke test."""
 
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ class Config:
     vae: str = ""  # the VAE that encodes them; "" = the shipped USV World VAE
     # DMD's regression term (0: off): the student's first step from a noise is pulled towards the
     # teacher's sample from it, over regress_pairs pairs made at the start with regress_steps Euler
-    # steps of the teacher at --cfg
+    # steps of the teacher at --cfg; regress_at "all": every step, from the teacher's state there
     regress: float = 0.0
     regress_pairs: int = 2048
     regress_steps: int = 50
+    regress_at: str = "first"
     # an exponential moving average of the student's weights, exported instead of its last
     # weights (0: off); two runs of one recipe ended 0.1 apart on USV World (not yet measured with it)
     ema: float = 0.0
@@ -113,12 +115,12 @@ class Config:
     def recipe(self) -> dict:
         """What must not change between a run and its resumption."""
         keys = ("schedule", "timesteps", "shift", "keep", "merge", "cube", "tiling", "dense_steps", "dense_student", "cfg",
-                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "gan_shift", "regress", "regress_pairs", "regress_steps", "ema", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
+                "fake_updates", "dmd_shift", "min_t", "max_t", "gan", "gan_d_weight", "gan_clips", "gan_shift", "regress", "regress_pairs", "regress_steps", "regress_at", "ema", "batch", "frames", "size", "width", "seed", "tiny", "tiny_layers")
         recipe = {k: getattr(self, k) for k in keys}
         if not self.gan:  # settings of a term that is off do not bind a resumption
             del recipe["gan_d_weight"], recipe["gan_clips"], recipe["gan_shift"]
         if not self.regress:
-            del recipe["regress"], recipe["regress_pairs"], recipe["regress_steps"]
+            del recipe["regress"], recipe["regress_pairs"], recipe["regress_steps"], recipe["regress_at"]
         if not self.ema:  # and runs from before the average resume without it
             del recipe["ema"]
         return recipe
@@ -147,6 +149,7 @@ HELP = {
     "regress": "weight of DMD's regression term (0: off): the student's first step is pulled towards the teacher's sample from the same noise",
     "regress_pairs": "noise / teacher-sample pairs made at the start for --regress",
     "regress_steps": "teacher's Euler steps (with --cfg) per pair",
+    "regress_at": "schedule steps the regression term trains: first (from the noise) or all (each from the teacher's state at its sigma)",
     "ema": "decay of a moving average of the student's weights, exported instead of its last weights (0: off; e.g. 0.99)",
     "batch": "samples per process per update",
     "steps": "student updates in all (over every resumed command)",
@@ -193,6 +196,8 @@ def from_args(argv=None) -> Config:
         raise SystemExit("--gan, --gan-d-weight and --gan-shift must be >= 0, and --gan-clips >= 1 when --gan is on")
     if cfg.regress < 0 or (cfg.regress and (cfg.regress_pairs < 1 or cfg.regress_steps < 1)):
         raise SystemExit("--regress must be >= 0, and --regress-pairs and --regress-steps >= 1 when it is on")
+    if cfg.regress_at not in ("first", "all"):
+        raise SystemExit(f"--regress-at must be first or all, got {cfg.regress_at!r}")
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema is a decay in [0, 1) (0: off; 0.99 averages over about 100 steps), got {cfg.ema:g}")
     if cfg.gan and cfg.fake_updates < 1:

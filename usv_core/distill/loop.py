@@ -116,8 +116,10 @@ class Trainer:
         if main:
             print(f"distill: sampling {cfg.regress_pairs} teacher pairs ({cfg.regress_steps} steps, CFG {cfg.cfg:g}) "
                   "for the regression term", flush=True)
+        at = self.sigmas[:1] if cfg.regress_at == "first" else self.sigmas[:-1]
         pairs = TeacherPairs(self.teacher, self.data, cfg.regress_pairs, cfg.latent_shape(), *self._generators(0, PAIR_SET),
-                             self.device, steps=cfg.regress_steps, cfg=cfg.cfg, autocast=self._autocast, progress=progress)
+                             self.device, sigmas_at=at, steps=cfg.regress_steps, cfg=cfg.cfg, autocast=self._autocast,
+                             progress=progress)
         if main:
             print(f"distill: teacher pairs sampled in {time.time() - t0:.1f} s", flush=True)
         return pairs
@@ -255,8 +257,8 @@ class Trainer:
                 stats["gan_g"] = gan.detach()
                 loss = loss + self.cfg.gan * gan
             if self.pairs is not None:
-                z, target, pcond = self.pairs.batch(self.generator(step, PAIRS), self.cfg.batch)
-                reg = regression_loss(self.student, z, target, pcond, self.sigmas, self.sparsity_at)
+                states, target, pcond = self.pairs.batch(self.generator(step, PAIRS), self.cfg.batch)
+                reg = regression_loss(self.student, states, target, pcond, self.pairs.sigmas_at, self.sparsity_at)
                 stats["regress"] = reg.detach()
                 loss = loss + self.cfg.regress * reg
         stats.update(student_step=draw.step, sigma=s.mean())
