@@ -4,6 +4,7 @@ a checkpoint written with other settings is refused with what to do."""
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -68,3 +69,15 @@ def test_sigterm_saves_and_stops_after_the_step(tmp_path):
     result = tr.run(say=lambda _msg: None)
     assert result["stopped"] == "SIGTERM" and result["step"] == 1
     assert Trainer(cfg, Dist()).step == 1  # the state was saved before stopping
+
+
+def test_stop_after_counts_the_commands_setup(tmp_path):
+    # a command sized to a time limit must end inside it, however long loading and its one-off
+    # work (real clips, teacher pairs) took: that time counts
+    cfg = from_args(["--out", str(tmp_path), "--tiny", "--steps", "4", "--stop-after", "0.5"])
+    trainer = Trainer(cfg, Dist())
+    time.sleep(0.6)
+    said = []
+    result = trainer.run(say=said.append)
+    assert result["step"] == 0 and result["stopped"] == "--stop-after 0.5s"
+    assert "run the same command to resume" in said[-1]

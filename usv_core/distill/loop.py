@@ -48,6 +48,9 @@ def read_scalars(values: dict) -> dict[str, float]:
 
 class Trainer:
     def __init__(self, cfg: Config, d: Dist):
+        # --stop-after counts the command's setup too (loading, real clips, teacher pairs: minutes
+        # on a slow machine), so that a command sized to a time limit ends inside it
+        self.created = time.time()
         self.cfg, self.d = cfg, d
         self.device = d.device
         self.sigmas = cfg.sigmas()
@@ -340,7 +343,7 @@ class Trainer:
                 if cfg.stop_at_step and self.step >= cfg.stop_at_step:
                     stopped = f"--stop-at-step {cfg.stop_at_step}"
                     break
-                if self.d.any(bool(cfg.stop_after) and time.time() - start > cfg.stop_after):
+                if self.d.any(bool(cfg.stop_after) and time.time() - self.created > cfg.stop_after):
                     stopped = f"--stop-after {cfg.stop_after:g}s"
                     break
                 stats = self._step()
