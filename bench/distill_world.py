@@ -4,7 +4,7 @@ seconds, as a user would run them), then score every row on the same held-out pr
 noise seeds: the dense teacher (50 Euler steps, CFG 5), the teacher sampled with the few-step
 schedule untrained, the dense student dense and made sparse training-free, and the
 sparse-distilled students at their own settings. Writes bench/results/distill_world_<card>.json
-(--json to change).
+(--json to change), after every scored row too (marked "partial" until the last).
 
     python3 bench/distill_world.py --out runs/ablation --seconds 420      # GPU: trains, then scores
     python3 bench/distill_world.py --out runs/ema --students keep0.2,keep0.2+ema0.99 --seeds 0,1
@@ -194,6 +194,15 @@ def main() -> int:
     seconds = wan_seconds(card)
     teacher = os.path.join(ROOT, "models", "diffusion_models", "usv_world_dit.safetensors")
     rows = []
+    path = a.json or os.path.join(a.out if a.tiny else os.path.join(ROOT, "bench", "results"),
+                                  f"distill_world_{card.replace(' ', '_')}.json")
+
+    def write(**more):
+        # after every row too: a run cut short by a time limit keeps the rows it scored
+        result = {"card": card, "torch": torch.__version__, "seconds": time.time() - t0, "training": training,
+                  "distill_args": extra, "seeds": seeds, "rows": rows, **more}
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
     def row(name, kind, path, keep=1.0, merge=0.0, teacher_steps=0, seed=0):
         args = ["--student", path, "--keep", str(keep), "--merge", str(merge), *sample]
@@ -214,6 +223,7 @@ def main() -> int:
             t = training[run_id(kind, seed)]
             out["distill_steps"], out["distill_seconds"] = t["steps"], t["seconds"]
         rows.append(out)
+        write(partial=True)
         print(f"{name:58s} {r['world_score']:.3f} +- {r['world_score_se']:.3f}  work/step {work:.3f}", flush=True)
 
     if not a.tiny:
@@ -239,12 +249,7 @@ def main() -> int:
         for r in rows:
             d = np.asarray([x["score"] for x in r["per_prompt"]]) - np.asarray([x["score"] for x in base["per_prompt"]])
             r["vs_teacher"], r["vs_teacher_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-    result = {"card": card, "torch": torch.__version__, "seconds": time.time() - t0, "training": training,
-              "distill_args": extra, "seeds": seeds, "rows": rows, "over_seeds": over_seeds(rows) if len(seeds) > 1 else {}}
-    path = a.json or os.path.join(a.out if a.tiny else os.path.join(ROOT, "bench", "results"),
-                                  f"distill_world_{card.replace(' ', '_')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write(over_seeds=over_seeds(rows) if len(seeds) > 1 else {})
     print(f"wrote {path}")
     return 0
 

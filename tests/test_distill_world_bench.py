@@ -40,3 +40,4 @@ def test_the_tiny_path_trains_and_scores_a_named_student(tmp_path):
     result = json.loads((out / "distill_world_cpu.json").read_text())
     (row,) = [r for r in result["rows"] if r["student"] == "keep0.2+reg1+regall"]
     assert row["distill_steps"] == 2 and 0.0 <= row["world_score"] <= 1.0 and row["keep"] == 0.2
+    assert "partial" not in result  # the last write is the whole result
