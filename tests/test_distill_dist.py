@@ -79,7 +79,10 @@ def test_two_processes_average_the_students_shards_and_export_the_average(tmp_pa
 
 def test_two_processes_sample_the_regression_pairs_through_the_sharded_teacher(tmp_path):
     out = launch(tmp_path, 2, "--steps", "1", "--regress", "1")
-    assert "teacher pairs sampled" in out and "done: 1 steps" in out
+    assert "teacher pairs ready" in out and "done: 1 steps" in out
     with open(tmp_path / "log.jsonl") as f:
         logged = [json.loads(line) for line in f]
     assert len(logged) == 1 and logged[0]["regress"] > 0
+    # each process drew its own pairs and keeps them in its own file
+    own = [load_file(tmp_path / "ckpt" / f"pairs_rank{r}.safetensors")["states"] for r in (0, 1)]
+    assert own[0].shape == own[1].shape and not torch.equal(own[0], own[1])

@@ -11,9 +11,10 @@ from safetensors import safe_open
 from test_distill import one_thread  # noqa: F401  (autouse: one thread on two shared cores)
 from usv_core.distill.config import from_args
 from usv_core.distill.dist import Dist
-from usv_core.distill.loop import Trainer
+from usv_core.distill import pairs as pairs_module
+from usv_core.distill.loop import PAIR_SET, Trainer
 from usv_core.distill.losses import guided_velocity
-from usv_core.distill.pairs import regression_loss
+from usv_core.distill.pairs import TeacherPairs, regression_loss
 from usv_core.world.sampling import sample, sigmas
 
 
@@ -91,8 +92,59 @@ def test_a_regression_run_resumes_exactly(tmp_path):
     assert [r["step"] for r in logged] == [1, 2, 3] and all(r["regress"] > 0 for r in logged)
 
 
-def test_a_run_without_the_term_refuses_to_resume_with_it(tmp_path):
+def test_the_pairs_are_kept_beside_the_checkpoint_and_read_back(tmp_path, monkeypatch):
+    first = regress_trainer(tmp_path, "--regress-at", "all").pairs
+    assert first.loaded == 0 and (tmp_path / "ckpt" / "pairs_rank0.safetensors").exists()
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher sampled pairs the file already held")
+
+    monkeypatch.setattr(pairs_module, "teacher_solve", no_teacher)
+    again = regress_trainer(tmp_path, "--regress-at", "all").pairs
+    assert again.loaded == len(first) == 8
+    for name in ("states", "target", "cond"):
+        assert torch.equal(getattr(again, name), getattr(first, name)), name
+
+
+def test_pairs_stopped_half_way_keep_what_was_made_and_continue_the_same_set(tmp_path, monkeypatch):
+    tr = regress_trainer(tmp_path / "run", "--regress-pairs", "2")
+    shape = tr.cfg.latent_shape()
+
+    def make(cache="", **kw):
+        return TeacherPairs(tr.teacher, tr.data, 5, shape, *tr._generators(0, PAIR_SET), tr.device, sigmas_at=[1.0],
+                            steps=2, cfg=5.0, autocast=tr._autocast, chunk=2, cache=cache, save_seconds=0, **kw)
+
+    whole = make()
+    real, calls = pairs_module.teacher_solve, []
+
+    def stopped_after_one_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the command was stopped while sampling
+        return real(*args, **kwargs)
+
+    cache = str(tmp_path / "pairs.safetensors")
+    monkeypatch.setattr(pairs_module, "teacher_solve", stopped_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        make(cache)
+    monkeypatch.setattr(pairs_module, "teacher_solve", real)
+    resumed = make(cache)
+    assert resumed.loaded == 2 and len(resumed) == 5
+    for name in ("states", "target", "cond"):
+        assert torch.equal(getattr(resumed, name), getattr(whole, name)), name
+    # pairs made another way (here: other teacher steps) are not taken for these
+    other = TeacherPairs(tr.teacher, tr.data, 5, shape, *tr._generators(0, PAIR_SET), tr.device, sigmas_at=[1.0],
+                         steps=3, cfg=5.0, autocast=tr._autocast, chunk=2, cache=cache)
+    assert other.loaded == 0
+
+
+def test_a_run_without_the_term_refuses_to_resume_with_it(tmp_path, monkeypatch):
     Trainer(from_args(["--out", str(tmp_path), "--tiny", "--steps", "2"]), Dist()).run(say=lambda _msg: None)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("pairs were sampled for a run that is then refused")
+
+    monkeypatch.setattr(pairs_module, "teacher_solve", no_teacher)  # refused before the setup's work
     with pytest.raises(SystemExit, match="regress.*fresh --out"):
         Trainer(from_args(["--out", str(tmp_path), "--tiny", "--steps", "3", "--regress", "1"]), Dist())
 

@@ -57,6 +57,8 @@ class Trainer:
         if len(self.sigmas) < 2 or self.sigmas[-1] != 0.0:
             raise ValueError(f"schedule {cfg.schedule} must end at sigma 0, got {self.sigmas}")
         self.sparsity = cfg.sparsity()
+        # a checkpoint of other settings is refused before the setup's one-off work is spent on it
+        self._resume_info = self._check_resumable() if os.path.exists(cfg.ckpt) else None
         teacher_sd = None if cfg.tiny else read_wan_state(cfg.teacher_path())
         teacher, fake, student = build(teacher_sd, cfg.seed, cfg.tiny_layers, gan=cfg.gan > 0)
         ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema else None
@@ -85,7 +87,7 @@ class Trainer:
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, **kw)
         self.opt_fake = torch.optim.AdamW(self.fake.parameters(), lr=cfg.fake_lr, **kw)
         self.step, self.seconds = 0, 0.0
-        if os.path.exists(cfg.ckpt):
+        if self._resume_info is not None:
             self._resume()
 
     def _real_clips(self) -> RealClips:
@@ -117,14 +119,20 @@ class Trainer:
                 print(f"distill: {done}/{n} teacher pairs", flush=True)
 
         if main:
-            print(f"distill: sampling {cfg.regress_pairs} teacher pairs ({cfg.regress_steps} steps, CFG {cfg.cfg:g}) "
+            print(f"distill: {cfg.regress_pairs} teacher pairs ({cfg.regress_steps} steps, CFG {cfg.cfg:g}) "
                   "for the regression term", flush=True)
         at = self.sigmas[:1] if cfg.regress_at == "first" else self.sigmas[:-1]
+        # each process its own pairs, so each keeps its own file
+        cache = os.path.join(os.path.dirname(cfg.ckpt), f"pairs_rank{self.d.rank}.safetensors")
+        key = {"seed": cfg.seed, "rank": self.d.rank, "world": self.d.world, "tiny": cfg.tiny,
+               "teacher": "" if cfg.tiny else os.path.abspath(cfg.teacher_path()),
+               "captions": os.path.abspath(cfg.embeddings or cfg.text_path())}
         pairs = TeacherPairs(self.teacher, self.data, cfg.regress_pairs, cfg.latent_shape(), *self._generators(0, PAIR_SET),
                              self.device, sigmas_at=at, steps=cfg.regress_steps, cfg=cfg.cfg, autocast=self._autocast,
-                             progress=progress)
+                             progress=progress, cache=cache, key=key)
         if main:
-            print(f"distill: teacher pairs sampled in {time.time() - t0:.1f} s", flush=True)
+            read = f", {pairs.loaded} of them read from {cache}" if pairs.loaded else ""
+            print(f"distill: teacher pairs ready in {time.time() - t0:.1f} s{read}", flush=True)
         return pairs
 
     # --- state ----------------------------------------------------------------------------
@@ -135,7 +143,7 @@ class Trainer:
             modules["student_ema"] = self.ema
         return modules, {"student": self.opt_student, "fake": self.opt_fake}
 
-    def _resume(self) -> None:
+    def _check_resumable(self) -> dict:
         info = checkpoint.read_info(self.cfg.ckpt)
         # runs from before the tiling setting attended over one block per cube, today's default,
         # and those from before the GAN term ran without it
@@ -145,8 +153,12 @@ class Trainer:
             changed = sorted(k for k in {**stored, **recipe} if stored.get(k) != recipe.get(k))
             raise SystemExit(f"{self.cfg.ckpt} was written with other settings ({', '.join(changed)}); "
                              "run with the same settings to resume, or give a fresh --out")
+        return info
+
+    def _resume(self) -> None:
         modules, opts = self._modules()
         checkpoint.load(self.cfg.ckpt, modules, opts)
+        info = self._resume_info
         self.step, self.seconds = int(info["step"]), float(info["seconds"])
 
     def save(self) -> None:

@@ -9,14 +9,21 @@ on USV World it left the student's motion at half the teacher's and two runs of 
 apart. The pairs say which video each noise should become, which also holds the student to the
 teacher's layout of colours and shapes.
 
-The pairs are drawn from the run's seed, so a resumed run rebuilds the same set instead of storing
-it. They cost the teacher's sampling once per pair: seconds for USV World on a GPU, hours for a
-real Wan at 480p (there, make fewer)."""
+They cost the teacher's sampling once per pair: half a minute for 1024 USV World pairs on a GPU,
+minutes each for a real Wan at 480p. So they are kept beside the checkpoint as they are made (a
+command stopped half-way keeps what it sampled) and a resumed run reads them back; they are drawn
+from the run's seed, so a run that finds no usable file makes the same set again."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..world.sampling import sigmas as teacher_sigmas
 from .data import to_device
@@ -44,29 +51,45 @@ def teacher_solve(teacher, cond, uncond, z, *, steps: int, cfg: float, record=()
     return [states[r] for r in record], x
 
 
+FIELDS = ("states", "target", "cond")
+
+
 class TeacherPairs:
     """n pairs: the teacher's states at sigmas_at (the first is 1: the noise itself), its sample,
-    and the conditioning."""
+    and the conditioning. With `cache`, the pairs made so far are written there every
+    `save_seconds` and at the end, and read back when its `key` (what makes them) matches."""
 
     def __init__(self, teacher, captions, n: int, latent_shape, gen: torch.Generator, noise_gen: torch.Generator,
-                 device, *, sigmas_at, steps: int, cfg: float, autocast, chunk: int = 64, progress=None):
+                 device, *, sigmas_at, steps: int, cfg: float, autocast, chunk: int = 64, progress=None,
+                 cache: str = "", key: dict | None = None, save_seconds: float = 60.0):
         # stored in bf16 on a GPU (where the networks compute in bf16 anyway): 2048 USV World pairs
         # of the first step take 0.9 GB
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         self.sigmas_at = list(sigmas_at)
-        states, target, conds = [], [], []
+        key = json.dumps({"n": n, "shape": list(latent_shape), "sigmas_at": self.sigmas_at, "steps": steps,
+                          "cfg": cfg, "chunk": chunk, "dtype": str(dtype), **(key or {})}, sort_keys=True)
+        stored = _read(cache, key, device) if cache else {}
+        self.loaded = len(stored["target"]) if stored else 0
+        parts = {f: [stored[f]] if stored else [] for f in FIELDS}
+        last_save = time.time()
         for i in range(0, n, chunk):
             m = min(chunk, n - i)
+            # drawn for every chunk, stored or not, so that the ones after continue the same streams
             cond, uncond, _ = captions.batch(gen, m, device)
             z = torch.randn((m, *latent_shape), generator=noise_gen, device=device)
+            if i + m <= self.loaded:
+                continue
             with autocast():
                 at, x0 = teacher_solve(teacher, cond, uncond, z, steps=steps, cfg=cfg, record=self.sigmas_at)
-            states.append(torch.stack([x.float() for x in at], 1).to(dtype))
-            target.append(x0.float().to(dtype))
-            conds.append(cond.to(dtype))
+            parts["states"].append(torch.stack([x.float() for x in at], 1).to(dtype))
+            parts["target"].append(x0.float().to(dtype))
+            parts["cond"].append(cond.to(dtype))
             if progress:
                 progress(i + m, n)
-        self.states, self.target, self.cond = torch.cat(states), torch.cat(target), torch.cat(conds)
+            if cache and (i + m == n or time.time() - last_save > save_seconds):
+                _write(cache, key, {f: torch.cat(parts[f]) for f in FIELDS})
+                last_save = time.time()
+        self.states, self.target, self.cond = (torch.cat(parts[f]) for f in FIELDS)
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -75,6 +98,23 @@ class TeacherPairs:
         """(the teacher's states (n, steps, ...), its samples, conditioning) of n pairs drawn with gen."""
         idx = to_device(torch.randint(0, len(self), (n,), generator=gen), self.states.device)
         return self.states[idx].float(), self.target[idx].float(), self.cond[idx].float()
+
+
+def _read(path: str, key: str, device) -> dict:
+    """The pairs stored at path if they were made as `key` says, else {} (made again)."""
+    if not os.path.exists(path):
+        return {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        if (f.metadata() or {}).get("key") != key:
+            return {}
+        return {name: f.get_tensor(name) for name in FIELDS}
+
+
+def _write(path: str, key: str, tensors: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"key": key})
+    os.replace(tmp, path)
 
 
 def regression_loss(student, states, target, cond, sigmas_at, sparsity_at) -> torch.Tensor:
