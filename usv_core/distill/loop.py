@@ -109,7 +109,8 @@ class Trainer:
         return real
 
     def _teacher_pairs(self) -> TeacherPairs:
-        """The regression term's pairs, sampled once by the teacher, with a line every 30 s."""
+        """The regression term's pairs, sampled by the teacher with a line every 30 s, or read back
+        from beside the checkpoint."""
         cfg, main = self.cfg, self.d.main
         t0, last = time.time(), [time.time()]
 
@@ -124,9 +125,10 @@ class Trainer:
         at = self.sigmas[:1] if cfg.regress_at == "first" else self.sigmas[:-1]
         # each process its own pairs, so each keeps its own file
         cache = os.path.join(os.path.dirname(cfg.ckpt), f"pairs_rank{self.d.rank}.safetensors")
+        named = lambda path: [os.path.basename(path), os.path.getsize(path)]  # noqa: E731
         key = {"seed": cfg.seed, "rank": self.d.rank, "world": self.d.world, "tiny": cfg.tiny,
-               "teacher": "" if cfg.tiny else os.path.abspath(cfg.teacher_path()),
-               "captions": os.path.abspath(cfg.embeddings or cfg.text_path())}
+               "teacher": None if cfg.tiny else named(cfg.teacher_path()),
+               "captions": None if cfg.tiny and not cfg.embeddings else named(cfg.embeddings or cfg.text_path())}
         pairs = TeacherPairs(self.teacher, self.data, cfg.regress_pairs, cfg.latent_shape(), *self._generators(0, PAIR_SET),
                              self.device, sigmas_at=at, steps=cfg.regress_steps, cfg=cfg.cfg, autocast=self._autocast,
                              progress=progress, cache=cache, key=key)
