@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from test_distill import one_thread  # noqa: F401  (autouse: one thread on two shared cores)
+from test_distill_resume import stopped_and_resumed
 from usv_core.distill.config import from_args
 from usv_core.distill.dist import Dist
 from usv_core.distill.gan import FakeScore
@@ -67,20 +68,8 @@ def test_without_gan_the_fake_network_has_no_classifier(tmp_path):
 
 
 def test_a_gan_run_resumes_exactly(tmp_path):
-    def run(out, *extra):
-        cfg = from_args(["--out", str(out), "--tiny", "--steps", "3", "--save-every", "1", "--gan", "0.01", *extra])
-        return Trainer(cfg, Dist()).run(say=lambda _msg: None)
-
-    run(tmp_path / "whole")
-    run(tmp_path / "split", "--stop-at-step", "2")
-    run(tmp_path / "split")
-    with safe_open(str(tmp_path / "whole" / "ckpt" / "state.safetensors"), "pt") as a, \
-            safe_open(str(tmp_path / "split" / "ckpt" / "state.safetensors"), "pt") as b:
-        assert set(a.keys()) == set(b.keys()) and any(".classifier." in k for k in a.keys())
-        for k in a.keys():
-            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
-    with open(tmp_path / "split" / "log.jsonl") as f:
-        logged = [json.loads(line) for line in f]
+    keys, logged = stopped_and_resumed(tmp_path, "--gan", "0.01")
+    assert any(".classifier." in k for k in keys)
     assert [r["step"] for r in logged] == [1, 2, 3] and all(0 < r["d_real"] < 1 for r in logged)
 
 

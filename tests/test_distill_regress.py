@@ -2,13 +2,11 @@
 teacher's own sample from it (with --regress-at all, its states on the way), a student pulled
 towards those samples, all of it resumable and refused where it cannot serve."""
 
-import json
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from test_distill import one_thread  # noqa: F401  (autouse: one thread on two shared cores)
+from test_distill_resume import stopped_and_resumed
 from usv_core.distill.config import from_args
 from usv_core.distill.dist import Dist
 from usv_core.distill import pairs as pairs_module
@@ -75,20 +73,7 @@ def test_the_regression_term_pulls_the_student_towards_the_teacher(tmp_path, at)
 
 
 def test_a_regression_run_resumes_exactly(tmp_path):
-    def run(out, *extra):
-        cfg = from_args(["--out", str(out), "--tiny", "--steps", "3", "--save-every", "1", "--regress", "0.5", "--regress-at", "all", *extra])
-        return Trainer(cfg, Dist()).run(say=lambda _msg: None)
-
-    run(tmp_path / "whole")
-    run(tmp_path / "split", "--stop-at-step", "2")
-    run(tmp_path / "split")
-    with safe_open(str(tmp_path / "whole" / "ckpt" / "state.safetensors"), "pt") as a, \
-            safe_open(str(tmp_path / "split" / "ckpt" / "state.safetensors"), "pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        for k in a.keys():
-            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
-    with open(tmp_path / "split" / "log.jsonl") as f:
-        logged = [json.loads(line) for line in f]
+    _, logged = stopped_and_resumed(tmp_path, "--regress", "0.5", "--regress-at", "all")
     assert [r["step"] for r in logged] == [1, 2, 3] and all(r["regress"] > 0 for r in logged)
 
 

@@ -22,6 +22,26 @@ def run(out, *extra):
     return Trainer(cfg, Dist()).run(say=lambda _msg: None)
 
 
+def stopped_and_resumed(tmp_path, *options):
+    """Three steps of a run with these options, once whole and once stopped at step 2 and resumed;
+    asserts both end in the same checkpoint, bit for bit -> (its keys, the resumed run's log)."""
+    def run_3(out, *extra):
+        cfg = from_args(["--out", str(out), "--tiny", "--steps", "3", "--save-every", "1", *options, *extra])
+        Trainer(cfg, Dist()).run(say=lambda _msg: None)
+
+    run_3(tmp_path / "whole")
+    run_3(tmp_path / "split", "--stop-at-step", "2")
+    run_3(tmp_path / "split")
+    with safe_open(str(tmp_path / "whole" / "ckpt" / "state.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "split" / "ckpt" / "state.safetensors"), "pt") as b:
+        keys = set(a.keys())
+        assert keys == set(b.keys())
+        for k in keys:
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    with open(tmp_path / "split" / LOG_FILE) as f:
+        return keys, [json.loads(line) for line in f]
+
+
 def steps_logged(out):
     with open(os.path.join(out, LOG_FILE)) as f:
         return [json.loads(line)["step"] for line in f]

@@ -90,20 +90,25 @@ class Trainer:
         if self._resume_info is not None:
             self._resume()
 
+    def _progress(self, what: str):
+        """A progress(done, n) for the setup's one-off work: a line every 30 s, from the main process."""
+        last = [time.time()]
+
+        def progress(done, n):
+            if self.d.main and time.time() - last[0] > 30:
+                last[0] = time.time()
+                print(f"distill: {done}/{n} {what}", flush=True)
+
+        return progress
+
     def _real_clips(self) -> RealClips:
         """The GAN term's real clips, encoded once, with a line every 30 s (minutes on a CPU)."""
         cfg, main = self.cfg, self.d.main
-        t0, last = time.time(), [time.time()]
-
-        def progress(done, n):
-            if main and time.time() - last[0] > 30:
-                last[0] = time.time()
-                print(f"distill: {done}/{n} real clips encoded", flush=True)
-
+        t0 = time.time()
         if main:
             print(f"distill: encoding {cfg.gan_clips} real clips for the GAN term", flush=True)
         real = RealClips(load_vae(cfg.vae_path()), self.data, cfg.gan_clips, cfg.frames, cfg.size,
-                         self.generator(0, REAL_SET), self.device, progress=progress)
+                         self.generator(0, REAL_SET), self.device, progress=self._progress("real clips encoded"))
         if main:
             print(f"distill: real clips encoded in {time.time() - t0:.1f} s", flush=True)
         return real
@@ -112,13 +117,7 @@ class Trainer:
         """The regression term's pairs, sampled by the teacher with a line every 30 s, or read back
         from beside the checkpoint."""
         cfg, main = self.cfg, self.d.main
-        t0, last = time.time(), [time.time()]
-
-        def progress(done, n):
-            if main and time.time() - last[0] > 30:
-                last[0] = time.time()
-                print(f"distill: {done}/{n} teacher pairs", flush=True)
-
+        t0 = time.time()
         if main:
             print(f"distill: {cfg.regress_pairs} teacher pairs ({cfg.regress_steps} steps, CFG {cfg.cfg:g}) "
                   "for the regression term", flush=True)
@@ -131,7 +130,7 @@ class Trainer:
                "captions": None if cfg.tiny and not cfg.embeddings else named(cfg.embeddings or cfg.text_path())}
         pairs = TeacherPairs(self.teacher, self.data, cfg.regress_pairs, cfg.latent_shape(), *self._generators(0, PAIR_SET),
                              self.device, sigmas_at=at, steps=cfg.regress_steps, cfg=cfg.cfg, autocast=self._autocast,
-                             progress=progress, cache=cache, key=key)
+                             progress=self._progress("teacher pairs"), cache=cache, key=key)
         if main:
             read = f", {pairs.loaded} of them read from {cache}" if pairs.loaded else ""
             print(f"distill: teacher pairs ready in {time.time() - t0:.1f} s{read}", flush=True)

@@ -25,30 +25,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..world.sampling import sigmas as teacher_sigmas
+from ..world.sampling import sigmas, solve
 from .data import to_device
-from .losses import guided_velocity, x0_from_velocity
+from .losses import x0_from_velocity
 
 
-@torch.no_grad()
 def teacher_solve(teacher, cond, uncond, z, *, steps: int, cfg: float, record=()) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The teacher's Euler solve from noise z on its own schedule (ComfyUI's: shift 8, `steps`
-    steps), with the sigmas in `record` added as nodes -> (its state at each of them, the sample)."""
-    grid = teacher_sigmas(steps).tolist()
-    for r in record:
-        if all(abs(g - r) > 1e-6 for g in grid):
-            grid.append(r)
-    grid.sort(reverse=True)
-    states, x = {}, z
-    for s, s_next in zip(grid, grid[1:] + [None]):
-        for r in record:
-            if abs(s - r) <= 1e-6:
-                states[r] = x
-        if s_next is None:
-            break
-        v = guided_velocity(teacher, x, torch.full((x.shape[0],), s, device=x.device), cond, uncond, cfg)
-        x = x + (s_next - s) * v.to(x.dtype)
-    return [states[r] for r in record], x
+    """The teacher's sampler from noise z (ComfyUI's schedule: shift 8, `steps` Euler steps), with
+    the sigmas in `record` added as nodes -> (its state at each of them, the sample)."""
+    grid = sigmas(steps).tolist()
+    grid += [r for r in record if all(abs(g - r) > 1e-6 for g in grid)]
+    return solve(teacher, cond, uncond, z, sorted(grid, reverse=True), cfg, record)
 
 
 FIELDS = ("states", "target", "cond")
